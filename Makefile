@@ -1,0 +1,51 @@
+# deepserve: one venv in .venv, built from nothing by any target that needs it.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+REPO ?= models
+# torch is installed on its own first, pinned: a bare range could pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: install test models serve lint proto bench soak clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[train,test]'
+	$(PY) -m pip check
+	touch $@
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/pytest -q -ra
+
+models: install
+	$(BIN)/deepserve train all --repository $(REPO)
+
+# Train the examples only when the repository has no model yet, then serve it.
+serve: install
+	@if ! ls $(REPO)/*/config.pbtxt >/dev/null 2>&1; then $(MAKE) models; fi
+	$(BIN)/deepserve serve --repository $(REPO)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
+
+proto: install
+	$(PY) proto/generate.py
+
+bench: install
+	$(BIN)/deepserve bench --repository $(REPO)
+
+soak: install
+	$(PY) -m pytest -q tests/test_soak.py --soak-seconds 600
+
+clean:
+	rm -rf $(VENV) build *.egg-info
