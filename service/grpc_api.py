@@ -1,0 +1,198 @@
+"""The thin gRPC servicer. Each method is wrapped once by `rpc`, the single place where exceptions become gRPC
+statuses and where per-method metrics are recorded; the methods themselves only translate messages."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from service import __version__
+from service._proto import inference_pb2 as pb
+from service._proto import inference_pb2_grpc
+from service.config import parse_json
+from service.dataplane import DataPlane
+from service.errors import InvalidArgument, ModelLoadError, NotFound, ServingError, Unavailable
+from service.metrics import Metrics
+from service.registry import READY, Registry
+
+log = logging.getLogger("deepserve.grpc")
+EXTENSIONS = ["classification", "model_repository", "schedule_policy", "model_configuration", "statistics",
+              "parameters"]
+
+
+def rpc(fn: Callable) -> Callable:
+    method = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self: Servicer, request, context: grpc.aio.ServicerContext):
+        t0 = time.perf_counter()
+        code = "OK"
+        try:
+            return await fn(self, request, context)
+        except ServingError as exc:
+            code = exc.code.name
+            await context.abort(exc.code, str(exc))
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception:
+            code = "INTERNAL"
+            rid = getattr(request, "id", "") or uuid.uuid4().hex[:12]
+            log.exception("%s failed (request id %s)", method, rid)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method} (request id {rid}); "
+                                "the server log has the details")
+        finally:
+            self.metrics.grpc_requests.labels(method, code).inc()
+            self.metrics.grpc_duration.labels(method).observe(time.perf_counter() - t0)
+
+    return wrapper
+
+
+class Servicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, registry: Registry, metrics: Metrics, state, max_inflight: int = 0,
+                 access_log: bool = False) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.dataplane = DataPlane(registry, max_inflight, access_log)
+        self.state = state  # service.server.ServerState: live / ready / draining
+
+    @rpc
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=self.state.live)
+
+    @rpc
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.state.ready)
+
+    @rpc
+    async def ModelReady(self, request, context):
+        try:
+            self.registry.lookup(request.name, request.version)
+        except (NotFound, Unavailable, InvalidArgument):
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=not self.state.draining)
+
+    @rpc
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="deepserve", version=__version__, extensions=EXTENSIONS)
+
+    @rpc
+    async def ModelMetadata(self, request, context):
+        mv = self.registry.lookup(request.name, request.version)
+        model = self.registry.models[mv.name]
+        md = pb.ModelMetadataResponse()
+        md.CopyFrom(mv.metadata)
+        del md.versions[:]
+        md.versions.extend(str(v) for v in sorted(model.ready))
+        return md
+
+    @rpc
+    async def ModelConfig(self, request, context):
+        mv = self.registry.lookup(request.name, request.version)
+        return pb.ModelConfigResponse(config=mv.config)
+
+    @rpc
+    async def ModelInfer(self, request, context):
+        if self.state.draining:
+            raise Unavailable("the server is shutting down")
+        return await self.dataplane.infer(request)
+
+    async def ModelStreamInfer(self, requests: AsyncIterator, context) -> AsyncIterator:
+        """Requests are served concurrently (so a stream batches); an error goes into that reply's error_message
+        and the stream goes on."""
+        replies: asyncio.Queue = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+
+        async def one(request: pb.ModelInferRequest) -> None:
+            try:
+                if self.state.draining:
+                    raise Unavailable("the server is shutting down")
+                reply = pb.ModelStreamInferResponse(infer_response=await self.dataplane.infer(request))
+            except ServingError as exc:
+                reply = pb.ModelStreamInferResponse(error_message=f"{exc.code.name}: {exc}")
+                reply.infer_response.id = request.id
+            except Exception as exc:
+                log.exception("stream request %s failed", request.id)
+                reply = pb.ModelStreamInferResponse(error_message=f"INTERNAL: {exc}")
+                reply.infer_response.id = request.id
+            await replies.put(reply)
+
+        async def pump() -> None:
+            async for request in requests:
+                task = asyncio.get_running_loop().create_task(one(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.gather(*list(tasks))
+            await replies.put(None)
+
+        reader = asyncio.get_running_loop().create_task(pump())
+        try:
+            while (reply := await replies.get()) is not None:
+                self.metrics.grpc_requests.labels("ModelStreamInfer",
+                                                  "OK" if not reply.error_message else "ERROR").inc()
+                yield reply
+        finally:
+            reader.cancel()
+            for t in tasks:
+                t.cancel()
+
+    @rpc
+    async def ModelStatistics(self, request, context):
+        reply = pb.ModelStatisticsResponse()
+        if request.name:
+            if request.name not in self.registry.models:
+                raise NotFound(f"unknown model {request.name!r}")
+            versions = [mv for mv in self.registry.versions() if mv.name == request.name]
+            if request.version:
+                versions = [self.registry.lookup(request.name, request.version)]
+        else:
+            versions = list(self.registry.versions())
+        for mv in versions:
+            mv.recorder.fill(reply.model_stats.add())
+        return reply
+
+    @rpc
+    async def RepositoryIndex(self, request, context):
+        reply = pb.RepositoryIndexResponse()
+        for name in sorted(set(self.registry.names_on_disk()) | set(self.registry.models)):
+            model = self.registry.models.get(name)
+            if model is None or not model.state:
+                if not request.ready:
+                    reply.models.add(name=name)
+                continue
+            for v, (state, reason) in sorted(model.state.items()):
+                if request.ready and state != READY:
+                    continue
+                reply.models.add(name=name, version="" if v == 0 else str(v), state=state, reason=reason)
+        return reply
+
+    @rpc
+    async def RepositoryModelLoad(self, request, context):
+        if not self.state.explicit_control:
+            raise Unavailable("explicit model load/unload is not allowed unless --model-control-mode explicit")
+        try:
+            override = None
+            if "config" in request.parameters:
+                override = parse_json(request.parameters["config"].string_param, "parameter config")
+            model = await self.registry.load(request.model_name, override)
+        except ModelLoadError as exc:
+            raise InvalidArgument(f"failed to load {request.model_name!r}: {exc}") from None
+        if model.default is None:
+            raise InvalidArgument(f"failed to load {request.model_name!r}: {self.registry.reason(model)}")
+        self.state.refresh_health()
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc
+    async def RepositoryModelUnload(self, request, context):
+        if not self.state.explicit_control:
+            raise Unavailable("explicit model load/unload is not allowed unless --model-control-mode explicit")
+        await self.registry.unload(request.model_name)
+        self.state.refresh_health()
+        return pb.RepositoryModelUnloadResponse()

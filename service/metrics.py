@@ -1,0 +1,46 @@
+"""Prometheus metrics, named and labelled as DESIGN.md says (base units, `_total` counters, histograms so replicas
+aggregate). Label children are bound once per model version at load, so the request path never looks them up."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Request latencies on this class of service run from ~100 us to seconds.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+MV = ("model", "version")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
+        self.requests = Counter("deepserve_requests", "Inference requests by gRPC status code",
+                                [*MV, "code"], registry=registry)
+        self.inferences = Counter("deepserve_inferences", "Samples inferred (a batch-8 request counts 8)",
+                                  MV, registry=registry)
+        self.executions = Counter("deepserve_executions", "Model executions (a dynamic batch counts 1)",
+                                  MV, registry=registry)
+        self.request_duration = Histogram("deepserve_request_duration_seconds", "Inference request duration",
+                                          MV, buckets=LATENCY_BUCKETS, registry=registry)
+        self.queue_duration = Histogram("deepserve_queue_duration_seconds", "Time a request waited in the queue",
+                                        MV, buckets=LATENCY_BUCKETS, registry=registry)
+        self.compute_duration = Histogram("deepserve_compute_duration_seconds",
+                                          "Time of one model execution (merge, run, split)",
+                                          MV, buckets=LATENCY_BUCKETS, registry=registry)
+        self.batch_size = Histogram("deepserve_batch_size", "Samples per model execution", MV,
+                                    buckets=BATCH_BUCKETS, registry=registry)
+        self.pending = Gauge("deepserve_pending_requests", "Requests accepted and not yet answered", MV,
+                             registry=registry)
+        self.load_duration = Gauge("deepserve_model_load_duration_seconds",
+                                   "How long the last load of this version took", MV, registry=registry)
+        self.load_failures = Counter("deepserve_model_load_failures", "Failed model loads", ["model"],
+                                     registry=registry)
+        self.model_info = Gauge("deepserve_model_info", "Loaded model versions and their execution provider",
+                                [*MV, "platform", "execution_provider"], registry=registry)
+        self.grpc_requests = Counter("deepserve_grpc_requests", "gRPC calls by method and status code",
+                                     ["method", "code"], registry=registry)
+        self.grpc_duration = Histogram("deepserve_grpc_request_duration_seconds", "gRPC call duration by method",
+                                       ["method"], buckets=LATENCY_BUCKETS, registry=registry)
+
+    def serve(self, port: int, host: str) -> None:
+        start_http_server(port, addr=host, registry=self.registry)

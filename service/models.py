@@ -1,0 +1,127 @@
+"""One loaded model version: its completed config, tensor specs, labels, onnxruntime instances, batcher and
+statistics. Loading is synchronous (it runs in a worker thread) and ends with a warmup, so a version is ready only
+once it has really run."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from service._proto import inference_pb2, model_config_pb2
+from service.batcher import Batcher
+from service.config import complete, read_labels, specs
+from service.errors import ModelLoadError
+from service.metrics import Metrics
+from service.runtime import Instance, placement, session_options
+from service.stats import Recorder
+from service.tensors import BY_CONFIG, BYTES, TensorSpec
+
+log = logging.getLogger("deepserve.models")
+
+
+@dataclass
+class ModelVersion:
+    name: str
+    version: int
+    config: model_config_pb2.ModelConfig
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+    labels: dict[str, list[str]]
+    instances: list[Instance]
+    providers: list[str]
+    recorder: Recorder
+    metadata: inference_pb2.ModelMetadataResponse = field(default_factory=inference_pb2.ModelMetadataResponse)
+    batcher: Batcher | None = None
+
+    @property
+    def version_str(self) -> str:
+        return str(self.version)
+
+    @property
+    def max_batch(self) -> int:
+        return self.config.max_batch_size
+
+
+def load_version(model_dir: Path, version: int, config: model_config_pb2.ModelConfig, explicit: bool,
+                 metrics: Metrics) -> ModelVersion:
+    """Build sessions, complete and check the config against the graph, warm up. Raises ModelLoadError."""
+    config = _copy(config)
+    name = config.name
+    filename = config.default_model_filename or "model.onnx"
+    path = model_dir / str(version) / Path(filename).name
+    if not path.is_file():
+        raise ModelLoadError(f"version {version}: {path.name} is missing")
+    place = placement(config)
+    so = session_options(config, place)
+    t0 = time.perf_counter()
+    instances = [Instance(str(path), so, place) for _ in range(place.count)]
+    complete(config, instances[0].session, explicit)
+    inputs, outputs = specs(config)
+    labels = read_labels(model_dir, config)
+    providers = instances[0].providers
+    config.parameters["execution_providers"].string_value = ",".join(providers)
+    for note in place.notes:
+        log.warning("model %s version %d: %s", name, version, note)
+    _warmup(instances, config, inputs)
+    recorder = Recorder(metrics, name, str(version))
+    mv = ModelVersion(name, version, config, inputs, outputs, labels, instances, providers, recorder)
+    mv.metadata = _metadata(mv)
+    metrics.load_duration.labels(name, str(version)).set(time.perf_counter() - t0)
+    log.info("model %s version %d loaded in %.2fs on %s (%d instance%s, %d intra-op threads each)", name, version,
+             time.perf_counter() - t0, providers[0], place.count, "s" * (place.count > 1), place.intra_threads)
+    return mv
+
+
+def _copy(config: model_config_pb2.ModelConfig) -> model_config_pb2.ModelConfig:
+    c = model_config_pb2.ModelConfig()
+    c.CopyFrom(config)
+    return c
+
+
+def _metadata(mv: ModelVersion) -> inference_pb2.ModelMetadataResponse:
+    md = inference_pb2.ModelMetadataResponse(name=mv.name, platform=mv.config.platform, versions=[mv.version_str])
+    for specs_, field_ in ((mv.inputs, md.inputs), (mv.outputs, md.outputs)):
+        for s in specs_.values():
+            field_.add(name=s.name, datatype=s.dtype.wire, shape=list(s.shape))
+    return md
+
+
+def _sample(spec: TensorSpec, dims: list[int], batch: int, random: bool) -> np.ndarray:
+    shape = ([batch] if spec.shape[:1] == (-1,) and len(dims) == len(spec.shape) - 1 else []) + list(dims)
+    if spec.dtype is BYTES:
+        return np.full(shape, b"", dtype=object)
+    if random:
+        return np.random.default_rng(0).random(shape).astype(spec.dtype.numpy)
+    return np.zeros(shape, dtype=spec.dtype.numpy)
+
+
+def _warmup(instances: list[Instance], config: model_config_pb2.ModelConfig, inputs: dict[str, TensorSpec]) -> None:
+    """Config `model_warmup` samples, or one zero-data request of batch 1 (each dynamic dim 1)."""
+    plans = []
+    for w in config.model_warmup:
+        feeds = {}
+        for name, inp in w.inputs.items():
+            if name not in inputs:
+                raise ModelLoadError(f"model_warmup {w.name!r}: unknown input {name!r}")
+            spec = inputs[name]
+            if inp.data_type and BY_CONFIG.get(inp.data_type) is not spec.dtype:
+                raise ModelLoadError(f"model_warmup {w.name!r}: input {name!r} data_type differs from the model")
+            if inp.WhichOneof("input_data_type") == "input_data_file":
+                raise ModelLoadError(f"model_warmup {w.name!r}: input_data_file is not supported")
+            feeds[name] = _sample(spec, list(inp.dims), max(w.batch_size, 1), inp.random_data)
+        plans.append((w.name, feeds, max(w.count, 1)))
+    if not plans:
+        feeds = {n: _sample(s, [1 if d == -1 else d for d in s.shape[1 if config.max_batch_size else 0:]], 1, False)
+                 for n, s in inputs.items() if not s.optional}
+        plans.append(("default", feeds, 1))
+    for name, feeds, count in plans:
+        for inst in instances:
+            for _ in range(count):
+                try:
+                    inst.run(feeds)
+                except Exception as exc:
+                    raise ModelLoadError(f"warmup {name!r} failed: {exc}") from exc

@@ -1,0 +1,177 @@
+"""Which model versions are serving. Lookups are dict reads on the event loop; loads run in worker threads and
+swap in only when complete, so a failed (re)load never takes down the version that is serving, and a replaced
+version finishes its in-flight requests before it is dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service._proto import model_config_pb2
+from service.batcher import Batcher
+from service.config import check, read_config
+from service.errors import InvalidArgument, ModelLoadError, NotFound, Unavailable
+from service.metrics import Metrics
+from service.models import ModelVersion, load_version
+from service.repository import Source, available_versions, model_names, select, source, version_dirs
+
+log = logging.getLogger("deepserve.registry")
+READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
+
+
+@dataclass
+class Model:
+    name: str
+    ready: dict[int, ModelVersion] = field(default_factory=dict)
+    state: dict[int, tuple[str, str]] = field(default_factory=dict)  # version -> (state, reason); 0 = the model
+    default: ModelVersion | None = None  # the highest ready version: what a request without a version gets
+    source: Source | None = None
+
+    def refresh_default(self) -> None:
+        self.default = self.ready[max(self.ready)] if self.ready else None
+
+
+class Registry:
+    def __init__(self, root: Path, metrics: Metrics) -> None:
+        self.root = root
+        self.metrics = metrics
+        self.models: dict[str, Model] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # --- the request path -------------------------------------------------------------------------------------
+    def lookup(self, name: str, version: str = "") -> ModelVersion:
+        model = self.models.get(name)
+        if model is None:
+            raise NotFound(f"unknown model {name!r}" + (f"; serving: {', '.join(sorted(self.models))}"
+                                                         if self.models else "; no model is loaded"))
+        if not version:
+            if model.default is None:
+                raise Unavailable(f"model {name!r} is not ready: {self.reason(model)}")
+            return model.default
+        try:
+            v = int(version)
+        except ValueError:
+            raise InvalidArgument(f"model {name!r}: version {version!r} is not an integer") from None
+        mv = model.ready.get(v)
+        if mv is None:
+            if v in model.state:
+                state, reason = model.state[v]
+                raise Unavailable(f"model {name!r} version {v} is {state}: {reason}")
+            raise NotFound(f"model {name!r} has no version {v}; serving {sorted(model.ready) or 'none'}")
+        return mv
+
+    def reason(self, model: Model) -> str:
+        reasons = [f"{'model' if v == 0 else f'version {v}'} {s}: {r}" for v, (s, r) in sorted(model.state.items())
+                   if s != READY]
+        return "; ".join(reasons) or "no version loaded"
+
+    @property
+    def all_ready(self) -> bool:
+        return all(m.default is not None for m in self.models.values())
+
+    def versions(self):
+        for model in self.models.values():
+            yield from model.ready.values()
+
+    # --- control ------------------------------------------------------------------------------------------------
+    def names_on_disk(self) -> list[str]:
+        return model_names(self.root)
+
+    async def load(self, name: str, override: model_config_pb2.ModelConfig | None = None) -> Model:
+        """(Re)load every version the policy selects. New versions warm up beside the serving ones and then take
+        the traffic; a version that fails keeps its serving predecessor. Raises ModelLoadError if nothing serves."""
+        if name not in self.names_on_disk():
+            raise NotFound(f"no model folder {name!r} in the repository")
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            return await self._load(name, override)
+
+    async def _load(self, name: str, override: model_config_pb2.ModelConfig | None) -> Model:
+        model_dir = self.root / name
+        model = self.models.setdefault(name, Model(name))
+        loop = asyncio.get_running_loop()
+        try:
+            if override is not None:
+                config, explicit = override, True
+                check(config, name)
+            else:
+                config, explicit = read_config(model_dir), (model_dir / "config.pbtxt").is_file()
+            filename = config.default_model_filename or "model.onnx"
+            wanted = select(config.version_policy, available_versions(model_dir, filename))
+            if not wanted:
+                found = version_dirs(model_dir)
+                raise ModelLoadError(f"no version to serve: version folders {found or 'none'}, none holds "
+                                     f"{filename}" if not found else f"version policy selects none of {found}")
+            model.source = source(model_dir, filename)
+        except ModelLoadError as exc:
+            return self._failed(model, 0, str(exc))
+        model.state.pop(0, None)
+        new: dict[int, ModelVersion] = {}
+        for v in wanted:
+            model.state[v] = (LOADING, "")
+            try:
+                mv = await loop.run_in_executor(None, load_version, model_dir, v, config, explicit, self.metrics)
+            except ModelLoadError as exc:
+                self._failed(model, v, str(exc))
+                continue
+            except Exception as exc:  # a bug or an onnxruntime surprise: still never take the server down
+                log.exception("model %s version %d: unexpected load failure", name, v)
+                self._failed(model, v, f"unexpected: {exc}")
+                continue
+            mv.batcher = Batcher(f"{name}:{v}", mv.instances, mv.config, mv.recorder)
+            mv.batcher.start()
+            new[v] = mv
+            model.state[v] = (READY, "")
+            self.metrics.model_info.labels(name, str(v), mv.config.platform, mv.providers[0]).set(1)
+        old = model.ready
+        keep = {v: mv for v, mv in old.items() if v not in new and v in wanted}  # failed reloads keep serving
+        model.ready = {**keep, **new}
+        model.refresh_default()
+        retired = [mv for v, mv in old.items() if model.ready.get(v) is not mv]
+        for mv in retired:
+            if mv.version not in wanted:
+                model.state.pop(mv.version, None)
+        await self._retire(retired)
+        return model
+
+    def _failed(self, model: Model, version: int, reason: str) -> Model:
+        what = "model" if version == 0 else f"version {version}"
+        log.error("model %s %s failed to load: %s", model.name, what, reason)
+        self.metrics.load_failures.labels(model.name).inc()
+        serving = model.ready.get(version)
+        model.state[version] = (READY, f"reload failed, still serving: {reason}") if serving else (UNAVAILABLE,
+                                                                                                   reason)
+        return model
+
+    async def unload(self, name: str) -> None:
+        model = self.models.get(name)
+        if model is None:
+            raise NotFound(f"unknown model {name!r}")
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            retired = list(model.ready.values())
+            model.ready, model.default = {}, None
+            model.state = {mv.version: (UNLOADING, "") for mv in retired}
+            await self._retire(retired)
+            model.state = {v: (UNAVAILABLE, "unloaded") for v in model.state}
+
+    async def _retire(self, versions: list[ModelVersion]) -> None:
+        """Let each version answer what it accepted, then free it."""
+        for mv in versions:
+            if mv.batcher:
+                await mv.batcher.stop()
+            self.metrics.model_info.remove(mv.name, mv.version_str, mv.config.platform, mv.providers[0])
+            log.info("model %s version %d unloaded", mv.name, mv.version)
+
+    def changed(self, name: str) -> bool:
+        model = self.models.get(name)
+        if model is None:
+            return True
+        try:
+            cfg = model.default.config if model.default else None
+            filename = (cfg.default_model_filename if cfg else "") or "model.onnx"
+            return source(self.root / name, filename) != model.source
+        except OSError:
+            return True

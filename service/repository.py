@@ -1,0 +1,62 @@
+"""The model repository on disk (Triton layout): which models exist, which versions the policy serves, and a
+fingerprint of each so that polling notices a change. Names come from folder names; a request never builds a path."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from service._proto import model_config_pb2
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a model folder holds right now; equal sources mean nothing to reload."""
+
+    config_text: str
+    versions: tuple[tuple[int, float, int], ...]  # (version, model file mtime, size)
+
+
+def model_names(root: Path) -> list[str]:
+    """Folders that look like models; hidden folders (a publish in progress) and stray files are ignored."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and not p.name.startswith("."))
+
+
+def available_versions(model_dir: Path, filename: str) -> list[int]:
+    out = []
+    for p in model_dir.iterdir():
+        if p.is_dir() and p.name.isdigit() and int(p.name) > 0 and (p / filename).is_file():
+            out.append(int(p.name))
+    return sorted(out)
+
+
+def version_dirs(model_dir: Path) -> list[int]:
+    """Version folders whether or not they hold a model file (so a broken version can be reported)."""
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+
+
+def select(policy: model_config_pb2.ModelVersionPolicy, versions: list[int]) -> list[int]:
+    """Triton's version_policy: latest N (default 1), all, or specific."""
+    choice = policy.WhichOneof("policy_choice")
+    if choice == "all":
+        return versions
+    if choice == "specific":
+        return [v for v in versions if v in set(policy.specific.versions)]
+    n = policy.latest.num_versions if choice == "latest" else 1
+    return versions[-max(n, 1):]
+
+
+def source(model_dir: Path, filename: str = "model.onnx") -> Source:
+    cfg = model_dir / "config.pbtxt"
+    text = cfg.read_text() if cfg.is_file() else ""
+    vs = []
+    for v in version_dirs(model_dir):
+        f = model_dir / str(v) / filename
+        st = f.stat() if f.is_file() else None
+        vs.append((v, st.st_mtime if st else 0.0, st.st_size if st else -1))
+    return Source(text, tuple(vs))

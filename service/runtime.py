@@ -1,0 +1,128 @@
+"""onnxruntime sessions for one model version: execution providers chosen from the config the way Triton's
+onnxruntime backend maps them, checked after creation (onnxruntime falls back to CPU silently; we never do),
+thread counts that keep concurrent instances from oversubscribing the cores, and warmup."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from service._proto import model_config_pb2
+from service.errors import ModelLoadError
+
+log = logging.getLogger("deepserve.runtime")
+
+Kind = model_config_pb2.ModelInstanceGroup.Kind
+CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+_GRAPH_LEVELS = {
+    -1: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    0: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    1: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    2: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+}
+_TRUE = ("1", "true", "yes", "on")
+
+
+def param(config: model_config_pb2.ModelConfig, key: str, default: str = "") -> str:
+    p = config.parameters.get(key)
+    return p.string_value if p is not None else default
+
+
+@dataclass
+class Placement:
+    """Where the sessions of one model version run and with how many threads each."""
+
+    providers: list  # as onnxruntime.InferenceSession takes them: names or (name, options)
+    wanted: str  # the provider that must end up first after creation
+    count: int
+    intra_threads: int
+    inter_threads: int
+    allow_cpu_fallback: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def placement(config: model_config_pb2.ModelConfig) -> Placement:
+    groups = list(config.instance_group) or [model_config_pb2.ModelInstanceGroup(kind=Kind.KIND_AUTO, count=1)]
+    if len({g.kind for g in groups}) > 1:
+        raise ModelLoadError("instance_group: mixing kinds in one model is not supported; use one kind")
+    kind = groups[0].kind
+    count = sum(max(g.count, 1) for g in groups)
+    gpus = [d for g in groups for d in g.gpus]
+    available = ort.get_available_providers()
+    fallback = param(config, "allow_cpu_fallback", "false").lower() in _TRUE
+    if kind == Kind.KIND_MODEL:
+        raise ModelLoadError("instance_group kind KIND_MODEL is not supported; use KIND_CPU or KIND_GPU")
+    accel = [a.name for a in config.optimization.execution_accelerators.gpu_execution_accelerator]
+    cpu_accel = [a.name for a in config.optimization.execution_accelerators.cpu_execution_accelerator]
+    if cpu_accel:
+        raise ModelLoadError(f"optimization.execution_accelerators.cpu_execution_accelerator {cpu_accel} "
+                             "is not supported")
+    unknown = [a for a in accel if a != "tensorrt"]
+    if unknown:
+        raise ModelLoadError(f"gpu_execution_accelerator {unknown} is not supported; only 'tensorrt'")
+    use_gpu = kind == Kind.KIND_GPU or (kind == Kind.KIND_AUTO and CUDA in available)
+    cores = os.cpu_count() or 1
+    intra_default = max(1, cores // count)  # instances run concurrently: split the cores, never oversubscribe
+    intra = int(param(config, "intra_op_thread_count", "0")) or intra_default
+    inter = int(param(config, "inter_op_thread_count", "0")) or 1
+    notes: list[str] = []
+    if use_gpu:
+        device = gpus[0] if gpus else 0
+        if CUDA not in available:
+            if not fallback:
+                raise ModelLoadError(f"instance_group asks for KIND_GPU but onnxruntime has no {CUDA} "
+                                     f"(available: {', '.join(available)}); install deepserve[gpu] on a GPU "
+                                     "machine, or set parameters allow_cpu_fallback: \"true\"")
+            notes.append(f"KIND_GPU requested, {CUDA} absent: running on CPU (allow_cpu_fallback)")
+            return Placement([CPU], CPU, count, intra, inter, fallback, notes)
+        providers: list = []
+        wanted = CUDA
+        if "tensorrt" in accel:
+            if TENSORRT not in available and not fallback:
+                raise ModelLoadError(f"gpu_execution_accelerator tensorrt asked for but onnxruntime has no "
+                                     f"{TENSORRT} (available: {', '.join(available)})")
+            if TENSORRT in available:
+                providers.append((TENSORRT, {"device_id": device}))
+                wanted = TENSORRT
+        providers += [(CUDA, {"device_id": device}), CPU]
+        return Placement(providers, wanted, count, intra, inter, fallback, notes)
+    return Placement([CPU], CPU, count, intra, inter, fallback, notes)
+
+
+def session_options(config: model_config_pb2.ModelConfig, place: Placement) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = place.intra_threads
+    so.inter_op_num_threads = place.inter_threads
+    level = config.optimization.graph.level
+    if level not in _GRAPH_LEVELS:
+        raise ModelLoadError(f"optimization.graph.level {level} is not one of {sorted(_GRAPH_LEVELS)}")
+    so.graph_optimization_level = _GRAPH_LEVELS[level]
+    arena = param(config, "enable_mem_arena", param(config, "enable_mem_area", "true")).lower()
+    so.enable_cpu_mem_arena = arena in _TRUE
+    so.log_severity_level = 3
+    return so
+
+
+class Instance:
+    """One onnxruntime session. `run` is called from an executor thread; onnxruntime releases the GIL."""
+
+    def __init__(self, path: str, so: ort.SessionOptions, place: Placement) -> None:
+        try:
+            self.session = ort.InferenceSession(path, sess_options=so, providers=place.providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for bad files and graphs
+            raise ModelLoadError(f"onnxruntime could not load {os.path.basename(path)}: {exc}") from exc
+        self.providers = self.session.get_providers()
+        if self.providers[0] != place.wanted:
+            if not (place.allow_cpu_fallback and self.providers[0] == CPU):
+                raise ModelLoadError(f"asked for {place.wanted} but onnxruntime activated {self.providers}; "
+                                     "refusing a silent fallback (parameters allow_cpu_fallback: \"true\" allows it)")
+            place.notes.append(f"{place.wanted} failed to activate, running on {self.providers[0]}")
+        self._run = self.session.run
+        self._output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self._output_names, self._run(self._output_names, feeds), strict=True))

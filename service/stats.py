@@ -1,0 +1,99 @@
+"""Per model version: Triton's ModelStatistics counters and the Prometheus children, updated together.
+All updates happen on the event loop thread, so plain integers need no lock."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from service._proto import inference_pb2
+from service.metrics import Metrics
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+    def fill(self, msg: inference_pb2.StatisticDuration) -> None:
+        msg.count, msg.ns = self.count, self.ns
+
+
+@dataclass
+class BatchDurations:
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+class Recorder:
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        self.model, self.version = model, version
+        self.success, self.fail, self.queue = Duration(), Duration(), Duration()
+        self.compute = BatchDurations()
+        self.per_batch: dict[int, BatchDurations] = {}
+        self.inference_count = self.execution_count = self.last_inference_ms = 0
+        m, lv = metrics, (model, version)
+        self._metrics = m
+        self._requests_ok = m.requests.labels(*lv, "OK")
+        self._inferences = m.inferences.labels(*lv)
+        self._executions = m.executions.labels(*lv)
+        self._request_s = m.request_duration.labels(*lv)
+        self._queue_s = m.queue_duration.labels(*lv)
+        self._compute_s = m.compute_duration.labels(*lv)
+        self._batch = m.batch_size.labels(*lv)
+        self.pending = m.pending.labels(*lv)
+
+    def request_ok(self, duration_ns: int, samples: int) -> None:
+        self.success.add(duration_ns)
+        self.inference_count += samples
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        self._requests_ok.inc()
+        self._inferences.inc(samples)
+        self._request_s.observe(duration_ns / 1e9)
+
+    def request_failed(self, duration_ns: int, code: str) -> None:
+        self.fail.add(duration_ns)
+        self._metrics.requests.labels(self.model, self.version, code).inc()
+        self._request_s.observe(duration_ns / 1e9)
+
+    def queued(self, ns: int) -> None:
+        self.queue.add(ns)
+        self._queue_s.observe(ns / 1e9)
+
+    def executed(self, batch_size: int, requests: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """One model run of `batch_size` samples that answered `requests` requests."""
+        self.execution_count += 1
+        c = self.compute
+        c.compute_input.add(input_ns * requests, requests)
+        c.compute_infer.add(infer_ns * requests, requests)
+        c.compute_output.add(output_ns * requests, requests)
+        b = self.per_batch.setdefault(batch_size, BatchDurations())
+        b.compute_input.add(input_ns)
+        b.compute_infer.add(infer_ns)
+        b.compute_output.add(output_ns)
+        self._executions.inc()
+        self._batch.observe(batch_size)
+        self._compute_s.observe((input_ns + infer_ns + output_ns) / 1e9)
+
+    def fill(self, msg: inference_pb2.ModelStatistics) -> None:
+        msg.name, msg.version = self.model, self.version
+        msg.last_inference = self.last_inference_ms
+        msg.inference_count, msg.execution_count = self.inference_count, self.execution_count
+        s = msg.inference_stats
+        self.success.fill(s.success)
+        self.fail.fill(s.fail)
+        self.queue.fill(s.queue)
+        self.compute.compute_input.fill(s.compute_input)
+        self.compute.compute_infer.fill(s.compute_infer)
+        self.compute.compute_output.fill(s.compute_output)
+        for size in sorted(self.per_batch):
+            d = self.per_batch[size]
+            b = msg.batch_stats.add(batch_size=size)
+            d.compute_input.fill(b.compute_input)
+            d.compute_infer.fill(b.compute_infer)
+            d.compute_output.fill(b.compute_output)

@@ -1,0 +1,147 @@
+"""Protobuf tensors <-> numpy. Raw contents are viewed with np.frombuffer (no copy); every size is checked against
+the declared shape before anything is allocated, so a request that declares 2^40 elements costs nothing."""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from service._proto import inference_pb2, model_config_pb2
+from service.errors import InvalidArgument
+
+DataType = model_config_pb2.DataType
+
+
+@dataclass(frozen=True)
+class Dtype:
+    """One datatype under its four names: the wire string, the config enum, numpy, and onnxruntime."""
+
+    wire: str
+    config: int
+    numpy: np.dtype
+    ort: str
+    typed_field: str | None  # InferTensorContents field, None when the type travels raw only
+
+
+DTYPES: tuple[Dtype, ...] = (
+    Dtype("BOOL", DataType.TYPE_BOOL, np.dtype(np.bool_), "tensor(bool)", "bool_contents"),
+    Dtype("UINT8", DataType.TYPE_UINT8, np.dtype(np.uint8), "tensor(uint8)", "uint_contents"),
+    Dtype("UINT16", DataType.TYPE_UINT16, np.dtype(np.uint16), "tensor(uint16)", "uint_contents"),
+    Dtype("UINT32", DataType.TYPE_UINT32, np.dtype(np.uint32), "tensor(uint32)", "uint_contents"),
+    Dtype("UINT64", DataType.TYPE_UINT64, np.dtype(np.uint64), "tensor(uint64)", "uint64_contents"),
+    Dtype("INT8", DataType.TYPE_INT8, np.dtype(np.int8), "tensor(int8)", "int_contents"),
+    Dtype("INT16", DataType.TYPE_INT16, np.dtype(np.int16), "tensor(int16)", "int_contents"),
+    Dtype("INT32", DataType.TYPE_INT32, np.dtype(np.int32), "tensor(int32)", "int_contents"),
+    Dtype("INT64", DataType.TYPE_INT64, np.dtype(np.int64), "tensor(int64)", "int64_contents"),
+    Dtype("FP16", DataType.TYPE_FP16, np.dtype(np.float16), "tensor(float16)", None),
+    Dtype("FP32", DataType.TYPE_FP32, np.dtype(np.float32), "tensor(float)", "fp32_contents"),
+    Dtype("FP64", DataType.TYPE_FP64, np.dtype(np.float64), "tensor(double)", "fp64_contents"),
+    Dtype("BYTES", DataType.TYPE_STRING, np.dtype(object), "tensor(string)", "bytes_contents"),
+)
+BY_WIRE = {d.wire: d for d in DTYPES}
+BY_CONFIG = {d.config: d for d in DTYPES}
+BY_ORT = {d.ort: d for d in DTYPES}
+BYTES = BY_WIRE["BYTES"]
+
+_LEN = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """An input or output as the server checks it: `shape` is the full shape, batch dim first when batching,
+    -1 for any size."""
+
+    name: str
+    dtype: Dtype
+    shape: tuple[int, ...]
+    optional: bool = False
+
+
+def decode_bytes(raw: bytes | memoryview, count: int, where: str) -> np.ndarray:
+    """BYTES raw layout: each element is a 4-byte little-endian length then that many bytes."""
+    view = memoryview(raw)
+    out = np.empty(count, dtype=object)
+    pos, end = 0, len(view)
+    for i in range(count):
+        if pos + 4 > end:
+            raise InvalidArgument(f"{where}: BYTES contents hold fewer than the {count} elements the shape declares")
+        (n,) = _LEN.unpack_from(view, pos)
+        pos += 4
+        if pos + n > end:
+            raise InvalidArgument(f"{where}: BYTES element {i} declares {n} bytes but only {end - pos} remain")
+        out[i] = bytes(view[pos:pos + n])
+        pos += n
+    if pos != end:
+        raise InvalidArgument(f"{where}: {end - pos} bytes left over after the {count} BYTES elements of the shape")
+    return out
+
+
+def encode_bytes(arr: np.ndarray) -> bytes:
+    parts = []
+    for item in arr.reshape(-1):
+        b = item.encode() if isinstance(item, str) else bytes(item)
+        parts.append(_LEN.pack(len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def to_raw(arr: np.ndarray, dtype: Dtype) -> bytes:
+    if dtype is BYTES:
+        return encode_bytes(arr)
+    return np.ascontiguousarray(arr, dtype=dtype.numpy).tobytes()
+
+
+def check_shape(where: str, spec: TensorSpec, shape: tuple[int, ...], max_batch: int) -> int:
+    """Validate a declared shape against the spec; return its element count (without allocating anything)."""
+    if len(shape) != len(spec.shape):
+        raise InvalidArgument(f"{where}: expected rank {len(spec.shape)} shape {_fmt(spec.shape)}, got {_fmt(shape)}")
+    for i, (want, got) in enumerate(zip(spec.shape, shape, strict=True)):
+        if got < 0:
+            raise InvalidArgument(f"{where}: negative dimension {got} at axis {i} in shape {_fmt(shape)}")
+        if want != -1 and want != got:
+            raise InvalidArgument(f"{where}: expected shape {_fmt(spec.shape)}, got {_fmt(shape)} (axis {i})")
+    if max_batch > 0 and shape[0] > max_batch:
+        raise InvalidArgument(f"{where}: batch size {shape[0]} exceeds the model's max_batch_size {max_batch}")
+    return math.prod(shape)
+
+
+def decode_input(where: str, spec: TensorSpec, tensor: inference_pb2.ModelInferRequest.InferInputTensor,
+                 raw: bytes | None, max_batch: int) -> np.ndarray:
+    """One input tensor to a numpy array of the spec's dtype and the request's shape."""
+    if tensor.datatype != spec.dtype.wire:
+        raise InvalidArgument(f"{where}: expected datatype {spec.dtype.wire}, got {tensor.datatype or '(empty)'}")
+    shape = tuple(tensor.shape)
+    count = check_shape(where, spec, shape, max_batch)
+    dt = spec.dtype
+    if raw is not None:
+        if dt is BYTES:
+            if count * 4 > len(raw):
+                raise InvalidArgument(f"{where}: shape {_fmt(shape)} needs at least {count * 4} bytes of BYTES "
+                                      f"contents, got {len(raw)}")
+            return decode_bytes(raw, count, where).reshape(shape)
+        expected = count * dt.numpy.itemsize
+        if len(raw) != expected:
+            raise InvalidArgument(f"{where}: shape {_fmt(shape)} of {dt.wire} needs {expected} bytes of raw "
+                                  f"contents, got {len(raw)}")
+        return np.frombuffer(raw, dtype=dt.numpy).reshape(shape)
+    if dt.typed_field is None:
+        raise InvalidArgument(f"{where}: {dt.wire} has no typed contents field; send it in raw_input_contents")
+    values = getattr(tensor.contents, dt.typed_field)
+    if len(values) != count:
+        raise InvalidArgument(f"{where}: shape {_fmt(shape)} needs {count} values in contents.{dt.typed_field}, "
+                              f"got {len(values)}")
+    if dt is BYTES:
+        arr = np.empty(count, dtype=object)
+        arr[:] = list(values)
+        return arr.reshape(shape)
+    try:
+        return np.array(values, dtype=dt.numpy).reshape(shape)
+    except OverflowError as exc:
+        raise InvalidArgument(f"{where}: a value in contents.{dt.typed_field} does not fit {dt.wire}") from exc
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"

@@ -1,0 +1,126 @@
+"""Test helpers: small ONNX models built with onnx.helper (no torch), repository folders, and a real
+`deepserve serve` process on free ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import onnx
+from onnx import TensorProto, helper
+
+ROOT = Path(__file__).resolve().parent.parent
+ONNX_TYPES = {
+    "BOOL": TensorProto.BOOL, "UINT8": TensorProto.UINT8, "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32, "UINT64": TensorProto.UINT64, "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16, "INT32": TensorProto.INT32, "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16, "FP32": TensorProto.FLOAT, "FP64": TensorProto.DOUBLE,
+    "BYTES": TensorProto.STRING,
+}
+
+
+def save(model: onnx.ModelProto, repo: Path, name: str, version: int = 1, config: str | None = None) -> Path:
+    d = repo / name / str(version)
+    d.mkdir(parents=True, exist_ok=True)
+    model.opset_import[0].version = 17
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, d / "model.onnx")
+    if config is not None:
+        (repo / name / "config.pbtxt").write_text(config)
+    return d / "model.onnx"
+
+
+def add_sub_model(width: int = 4, scale: float = 1.0) -> onnx.ModelProto:
+    """x, y FP32 [B,width] -> sum = (x+y)*scale, diff = x-y."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])
+    s = helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["batch", width])
+    d = helper.make_tensor_value_info("diff", TensorProto.FLOAT, ["batch", width])
+    k = helper.make_tensor("k", TensorProto.FLOAT, [], [scale])
+    nodes = [helper.make_node("Add", ["x", "y"], ["xy"]), helper.make_node("Mul", ["xy", "k"], ["sum"]),
+             helper.make_node("Sub", ["x", "y"], ["diff"])]
+    return helper.make_model(helper.make_graph(nodes, "add_sub", [x, y], [s, d], initializer=[k]))
+
+
+def identity_model(datatypes: list[str]) -> onnx.ModelProto:
+    """One Identity per datatype: in_<T> [B,-1] -> out_<T>."""
+    ins, outs, nodes = [], [], []
+    for t in datatypes:
+        ins.append(helper.make_tensor_value_info(f"in_{t}", ONNX_TYPES[t], ["batch", "n"]))
+        outs.append(helper.make_tensor_value_info(f"out_{t}", ONNX_TYPES[t], ["batch", "n"]))
+        nodes.append(helper.make_node("Identity", [f"in_{t}"], [f"out_{t}"]))
+    return helper.make_model(helper.make_graph(nodes, "identity", ins, outs))
+
+
+def seq_model() -> onnx.ModelProto:
+    """tokens INT64 [B,T] -> total FP32 [B,1] = sum over T (variable length: batches only with equal T)."""
+    t = helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "time"])
+    o = helper.make_tensor_value_info("total", TensorProto.FLOAT, ["batch", 1])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    nodes = [helper.make_node("Cast", ["tokens"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceSum", ["f", "axes"], ["total"], keepdims=1)]
+    return helper.make_model(helper.make_graph(nodes, "seq", [t], [o], initializer=[axes]))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real `deepserve serve` subprocess. Its log is kept in a file for assertions and failures."""
+
+    def __init__(self, repo: Path, *args: str, env: dict | None = None, wait_ready: bool = True) -> None:
+        self.grpc_port, self.metrics_port = free_port(), free_port()
+        self.url = f"127.0.0.1:{self.grpc_port}"
+        self.log_path = repo.parent / f"server-{self.grpc_port}.log"
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--repository", str(repo), "--host", "127.0.0.1",
+               "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port), *args]
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        if wait_ready:
+            self.wait_ready()
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.url)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        from service._proto import inference_pb2, inference_pb2_grpc
+
+        deadline = time.monotonic() + timeout
+        with self.channel() as ch:
+            stub = inference_pb2_grpc.GRPCInferenceServiceStub(ch)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log()}")
+                try:
+                    if stub.ServerReady(inference_pb2.ServerReadyRequest(), timeout=1).ready:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text()
+
+    def stop(self, sig: int = 15, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
