@@ -11,10 +11,10 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from service import __version__
 from service._proto import inference_pb2 as pb
-from service._proto import inference_pb2_grpc
 from service.config import parse_json
 from service.dataplane import DataPlane
 from service.errors import InvalidArgument, ModelLoadError, NotFound, ServingError, Unavailable
@@ -26,6 +26,36 @@ EXTENSIONS = ["classification", "model_repository", "schedule_policy", "model_co
               "parameters"]
 
 
+class BadMessage:
+    """What the deserializer hands over for bytes that are not the expected protobuf: grpc.aio would answer
+    UNKNOWN, but undecodable input is the client's error, INVALID_ARGUMENT."""
+
+    __slots__ = ("error", "id")
+
+    def __init__(self, error: str) -> None:
+        self.error, self.id = error, ""
+
+
+def add_to_server(servicer: Servicer, server: grpc.aio.Server) -> None:
+    """Register every RPC of our proto's service with a tolerant deserializer (see BadMessage)."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:
+        req_cls, resp_cls = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+
+        def deserialize(data: bytes, cls=req_cls, name=method.input_type.name):
+            try:
+                return cls.FromString(data)
+            except DecodeError as exc:
+                return BadMessage(f"the request is not a valid {name} protobuf: {exc}")
+
+        kind = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = kind(getattr(servicer, method.name), request_deserializer=deserialize,
+                                     response_serializer=resp_cls.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 def rpc(fn: Callable) -> Callable:
     method = fn.__name__
 
@@ -34,6 +64,8 @@ def rpc(fn: Callable) -> Callable:
         t0 = time.perf_counter()
         code = "OK"
         try:
+            if type(request) is BadMessage:
+                raise InvalidArgument(request.error)
             return await fn(self, request, context)
         except ServingError as exc:
             code = exc.code.name
@@ -54,7 +86,7 @@ def rpc(fn: Callable) -> Callable:
     return wrapper
 
 
-class Servicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
+class Servicer:
     def __init__(self, registry: Registry, metrics: Metrics, state, max_inflight: int = 0,
                  access_log: bool = False) -> None:
         self.registry = registry
@@ -111,6 +143,8 @@ class Servicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
         async def one(request: pb.ModelInferRequest) -> None:
             try:
+                if type(request) is BadMessage:
+                    raise InvalidArgument(request.error)
                 if self.state.draining:
                     raise Unavailable("the server is shutting down")
                 reply = pb.ModelStreamInferResponse(infer_response=await self.dataplane.infer(request))

@@ -16,8 +16,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import logs, settings
-from service._proto import inference_pb2, inference_pb2_grpc
-from service.grpc_api import Servicer
+from service._proto import inference_pb2
+from service.grpc_api import Servicer, add_to_server
 from service.metrics import Metrics
 from service.registry import Registry
 
@@ -110,7 +110,7 @@ async def serve(args) -> int:
     health_servicer = health.aio.HealthServicer()
     state = ServerState(registry, health_servicer, args)
     servicer = Servicer(registry, metrics, state, max_inflight=args.max_inflight, access_log=args.access_log)
-    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{args.host}:{args.grpc_port}"

@@ -60,8 +60,9 @@ class TensorSpec:
     optional: bool = False
 
 
-def decode_bytes(raw: bytes | memoryview, count: int, where: str) -> np.ndarray:
-    """BYTES raw layout: each element is a 4-byte little-endian length then that many bytes."""
+def decode_bytes(raw: bytes | memoryview, count: int, where: str, text: bool = False) -> np.ndarray:
+    """BYTES raw layout: each element is a 4-byte little-endian length then that many bytes. With `text`, elements
+    become str: ONNX string tensors hold text, and onnxruntime would turn a bytes object into its repr."""
     view = memoryview(raw)
     out = np.empty(count, dtype=object)
     pos, end = 0, len(view)
@@ -72,7 +73,14 @@ def decode_bytes(raw: bytes | memoryview, count: int, where: str) -> np.ndarray:
         pos += 4
         if pos + n > end:
             raise InvalidArgument(f"{where}: BYTES element {i} declares {n} bytes but only {end - pos} remain")
-        out[i] = bytes(view[pos:pos + n])
+        item = bytes(view[pos:pos + n])
+        if text:
+            try:
+                item = item.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidArgument(f"{where}: BYTES element {i} is not valid UTF-8 ({exc.reason} at byte "
+                                      f"{exc.start}); ONNX string tensors hold text") from None
+        out[i] = item
         pos += n
     if pos != end:
         raise InvalidArgument(f"{where}: {end - pos} bytes left over after the {count} BYTES elements of the shape")
@@ -121,7 +129,7 @@ def decode_input(where: str, spec: TensorSpec, tensor: inference_pb2.ModelInferR
             if count * 4 > len(raw):
                 raise InvalidArgument(f"{where}: shape {_fmt(shape)} needs at least {count * 4} bytes of BYTES "
                                       f"contents, got {len(raw)}")
-            return decode_bytes(raw, count, where).reshape(shape)
+            return decode_bytes(raw, count, where, text=True).reshape(shape)
         expected = count * dt.numpy.itemsize
         if len(raw) != expected:
             raise InvalidArgument(f"{where}: shape {_fmt(shape)} of {dt.wire} needs {expected} bytes of raw "
@@ -134,9 +142,7 @@ def decode_input(where: str, spec: TensorSpec, tensor: inference_pb2.ModelInferR
         raise InvalidArgument(f"{where}: shape {_fmt(shape)} needs {count} values in contents.{dt.typed_field}, "
                               f"got {len(values)}")
     if dt is BYTES:
-        arr = np.empty(count, dtype=object)
-        arr[:] = list(values)
-        return arr.reshape(shape)
+        return decode_bytes(b"".join(_LEN.pack(len(v)) + v for v in values), count, where, text=True).reshape(shape)
     try:
         return np.array(values, dtype=dt.numpy).reshape(shape)
     except OverflowError as exc:

@@ -124,3 +124,28 @@ class Server:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+def request(model: str, version: str = "", raw: bool = True, **arrays):
+    """A ModelInferRequest from numpy arrays (wire datatype from the array's dtype; object arrays are BYTES)."""
+    import numpy as np
+
+    from service._proto import inference_pb2
+    from service.tensors import BY_WIRE, DTYPES, to_raw
+
+    req = inference_pb2.ModelInferRequest(model_name=model, model_version=version)
+    for name, arr in arrays.items():
+        arr = np.asarray(arr)
+        dt = BY_WIRE["BYTES"] if arr.dtype == object else next(d for d in DTYPES if d.numpy == arr.dtype)
+        t = req.inputs.add(name=name, datatype=dt.wire, shape=arr.shape)
+        if raw:
+            req.raw_input_contents.append(to_raw(arr, dt))
+        else:
+            getattr(t.contents, dt.typed_field).extend(arr.reshape(-1).tolist())
+    return req
+
+
+def outputs(reply) -> dict:
+    from service.client import decode_output
+
+    return {t.name: decode_output(t, raw) for t, raw in zip(reply.outputs, reply.raw_output_contents, strict=True)}

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import support
+
+ALL_TYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32",
+             "FP64", "BYTES"]
+ADD_SUB_CONFIG = """
+name: "add_sub"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] }, { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "sum" data_type: TYPE_FP32 dims: [ 4 ] label_filename: "labels.txt" },
+         { name: "diff" data_type: TYPE_FP32 dims: [ 4 ] } ]
+dynamic_batching { max_queue_delay_microseconds: 2000 }
+instance_group [ { count: 2 kind: KIND_CPU } ]
+"""
+
+
+def build_repository(repo: Path) -> Path:
+    """The models most service tests share: batching, every datatype, variable length, two versions, a broken one."""
+    support.save(support.add_sub_model(), repo, "add_sub", config=ADD_SUB_CONFIG)
+    (repo / "add_sub" / "labels.txt").write_text("a\nb\nc\nd\n")
+    support.save(support.identity_model(ALL_TYPES), repo, "identity")  # no config: completed from the graph
+    support.save(support.seq_model(), repo, "seq", config="max_batch_size: 16\ndynamic_batching {}\n")
+    support.save(support.add_sub_model(scale=1.0), repo, "versioned", version=1,
+                 config="max_batch_size: 4\nversion_policy { all {} }\n")
+    support.save(support.add_sub_model(scale=2.0), repo, "versioned", version=2)
+    support.save(support.add_sub_model(), repo, "nobatch", config="max_batch_size: 0\n"
+                 "input [ { name: \"x\" data_type: TYPE_FP32 dims: [ -1, 4 ] } ]\n")
+    broken = repo / "broken" / "1"
+    broken.mkdir(parents=True)
+    (broken / "model.onnx").write_bytes(b"this is not an onnx file")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory) -> Path:
+    return build_repository(tmp_path_factory.mktemp("shared") / "models")
+
+
+@pytest.fixture(scope="session")
+def server(repository):
+    """One server for the read-mostly API tests (non-strict readiness: the broken model must not block them)."""
+    s = support.Server(repository, "--no-strict-readiness")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def stub(server):
+    from service._proto import inference_pb2_grpc
+
+    with server.channel() as ch:
+        yield inference_pb2_grpc.GRPCInferenceServiceStub(ch)
