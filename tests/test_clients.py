@@ -1,0 +1,145 @@
+"""Real third-party clients against a real server: tritonclient.grpc (its own process, see DESIGN.md on the
+protobuf clash), Triton's perf_analyzer, grpc health and server reflection."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import grpc
+import pytest
+from support import ROOT
+
+TRITON_SCRIPT = r"""
+import json, sys
+import numpy as np
+import onnxruntime as ort
+import tritonclient.grpc as tc
+url, repo = sys.argv[1], sys.argv[2]
+c = tc.InferenceServerClient(url)
+assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("add_sub")
+md = c.get_server_metadata(as_json=True)
+meta = c.get_model_metadata("add_sub", as_json=True)
+cfg = c.get_model_config("add_sub", as_json=True)["config"]
+sess = ort.InferenceSession(f"{repo}/add_sub/1/model.onnx")
+rng = np.random.default_rng(0)
+worst = 0.0
+for batch in (1, 3, 8):
+    x, y = rng.random((batch, 4), dtype=np.float32), rng.random((batch, 4), dtype=np.float32)
+    inputs = [tc.InferInput("x", [batch, 4], "FP32"), tc.InferInput("y", [batch, 4], "FP32")]
+    inputs[0].set_data_from_numpy(x); inputs[1].set_data_from_numpy(y)
+    r = c.infer("add_sub", inputs, request_id=f"b{batch}")
+    want = sess.run(None, {"x": x, "y": y})
+    for name, w in zip(("sum", "diff"), want):
+        worst = max(worst, float(np.abs(r.as_numpy(name) - w).max()))
+    assert r.get_response().id == f"b{batch}"
+# classification (class_count) and BYTES through tritonclient's own codecs
+inputs = [tc.InferInput("x", [1, 4], "FP32"), tc.InferInput("y", [1, 4], "FP32")]
+inputs[0].set_data_from_numpy(np.array([[0.1, 0.9, 0.3, 0.2]], np.float32))
+inputs[1].set_data_from_numpy(np.zeros((1, 4), np.float32))
+top = c.infer("add_sub", inputs, outputs=[tc.InferRequestedOutput("sum", class_count=2)]).as_numpy("sum")
+s = np.array([["h\u00e9llo".encode(), b"x"]], dtype=np.object_)
+bi = tc.InferInput("in_BYTES", [1, 2], "BYTES"); bi.set_data_from_numpy(s)
+others = []
+for t, dt in (("FP32", np.float32), ("INT64", np.int64), ("BOOL", np.bool_), ("FP16", np.float16)):
+    i = tc.InferInput(f"in_{t}", [1, 2], t); i.set_data_from_numpy(np.ones((1, 2), dt)); others.append(i)
+try:
+    c.infer("identity", [bi] + others)
+    partial = "ok"
+except tc.InferenceServerException as e:
+    partial = e.status()
+stats = c.get_inference_statistics("add_sub", as_json=True)["model_stats"][0]
+try:
+    c.infer("nope", inputs)
+    nf = None
+except tc.InferenceServerException as e:
+    nf = e.status()
+print(json.dumps({"ext": md["extensions"], "platform": meta["platform"], "max_batch": cfg["max_batch_size"],
+                  "worst": worst, "top": [t.decode() for t in top[0]], "partial": partial,
+                  "inference_count": int(stats["inference_count"]), "not_found": nf}))
+"""
+
+
+def test_tritonclient_unchanged(server, repository):
+    r = subprocess.run([sys.executable, "-c", TRITON_SCRIPT, server.url, str(repository)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["platform"] == "onnxruntime_onnx" and got["max_batch"] == 8 and "statistics" in got["ext"]
+    assert got["worst"] <= 1e-6
+    assert got["top"] == ["0.900000:1:b", "0.300000:2:c"]
+    assert got["partial"] == "StatusCode.INVALID_ARGUMENT"  # the identity model needs all its inputs
+    assert got["inference_count"] >= 1 + 3 + 8
+    assert got["not_found"] == "StatusCode.NOT_FOUND"
+
+
+PERF_ANALYZER = ROOT.parent / "shared" / "tools" / "perf_analyzer"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PERF_ANALYZER.exists(), reason="../shared/tools/perf_analyzer is not beside the repository")
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_perf_analyzer_runs_without_errors(server, tmp_path, concurrency):
+    csv = tmp_path / "pa.csv"
+    r = subprocess.run([str(PERF_ANALYZER), "-m", "add_sub", "-u", server.url, "-i", "grpc",
+                        "--concurrency-range", str(concurrency), "--measurement-interval", "500",
+                        "-f", str(csv), "-b", "2", "--max-trials", "3", "--stability-percentage", "100"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = csv.read_text().splitlines()
+    header, values = rows[0].split(","), rows[1].split(",")
+    assert float(values[header.index("Inferences/Second")]) > 0
+
+
+def test_health_per_server_and_model(server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with server.channel() as ch:
+        h = health_pb2_grpc.HealthStub(ch)
+
+        def status(name: str) -> str:
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(
+                h.Check(health_pb2.HealthCheckRequest(service=name)).status)
+
+        assert status("") == "SERVING" and status("liveness") == "SERVING"
+        assert status("add_sub") == "SERVING" and status("broken") == "NOT_SERVING"
+        with pytest.raises(grpc.RpcError) as err:
+            status("no-such-model")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    cli = subprocess.run([sys.executable, "-m", "service.cli", "health", "--url", server.url], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert cli.returncode == 0 and "SERVING" in cli.stdout
+    cli = subprocess.run([sys.executable, "-m", "service.cli", "health", "--url", server.url, "--service",
+                          "broken"], cwd=ROOT, capture_output=True, text=True)
+    assert cli.returncode == 1
+
+
+def test_reflection_lists_and_describes_the_service(server):
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with server.channel() as ch:
+        db = ProtoReflectionDescriptorDatabase(ch)
+        services = set(db.get_services())
+        assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= services
+        pool = DescriptorPool(db)
+        svc = pool.FindServiceByName("inference.GRPCInferenceService")
+        assert "ModelInfer" in [m.name for m in svc.methods]
+        assert pool.FindMessageTypeByName("inference.ModelConfig").fields_by_name["max_batch_size"].number == 4
+
+
+def test_infer_cli_prints_outputs(server, tmp_path):
+    import numpy as np
+
+    x = tmp_path / "x.npy"
+    np.save(x, np.ones((2, 4), np.float32))
+    r = subprocess.run([sys.executable, "-m", "service.cli", "infer", "add_sub", "--url", server.url,
+                        "--input", f"x={x}", "--input", f"y={x}"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "sum float32 [2, 4]" in r.stdout and "2." in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "service.cli", "infer", "nope", "--url", server.url, "--input",
+                          f"x={x}"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr
+
