@@ -149,3 +149,23 @@ def outputs(reply) -> dict:
     from service.client import decode_output
 
     return {t.name: decode_output(t, raw) for t, raw in zip(reply.outputs, reply.raw_output_contents, strict=True)}
+
+
+def slow_model(n: int = 700, reps: int = 4) -> onnx.ModelProto:
+    """x FP32 [B,1] -> y = x + tiny*sum(W^reps): a model that takes milliseconds, to hold an instance busy."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [n, n], (rng.random((n, n), dtype=np.float32) / n).ravel())
+    eps = helper.make_tensor("eps", TensorProto.FLOAT, [], [0.0])
+    # The chain starts from the input, or onnxruntime folds it into a constant at load.
+    nodes, prev = [helper.make_node("ReduceSum", ["x"], ["xs"], keepdims=0),
+                   helper.make_node("Mul", ["w", "xs"], ["w0"])], "w0"
+    for i in range(reps):
+        nodes.append(helper.make_node("MatMul", [prev, "w"], [f"m{i}"]))
+        prev = f"m{i}"
+    nodes += [helper.make_node("ReduceSum", [prev], ["s"], keepdims=0),
+              helper.make_node("Mul", ["s", "eps"], ["z"]), helper.make_node("Add", ["x", "z"], ["y"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])
+    return helper.make_model(helper.make_graph(nodes, "slow", [x], [y], initializer=[w, eps]))

@@ -1,0 +1,220 @@
+"""Dynamic batching with Triton's semantics: first the scheduler on its own (real onnxruntime sessions, no server),
+then through the server with many concurrent clients."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from google.protobuf import text_format
+from prometheus_client import CollectorRegistry
+from support import Server, add_sub_model, outputs, request, save, seq_model, slow_model
+
+from service._proto import inference_pb2 as pb
+from service._proto import model_config_pb2
+from service.batcher import Batcher
+from service.errors import Unavailable
+from service.metrics import Metrics
+from service.runtime import Instance, placement, session_options
+from service.stats import Recorder
+
+
+def make_batcher(tmp_path, model, config_text: str) -> Batcher:
+    path = save(model, tmp_path / "repo", "m")
+    config = text_format.Parse(config_text, model_config_pb2.ModelConfig())
+    place = placement(config)
+    instances = [Instance(str(path), session_options(config, place), place) for _ in range(place.count)]
+    return Batcher("m", instances, config, Recorder(Metrics(CollectorRegistry()), "m", "1"))
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_merge_split_each_caller_gets_its_rows(tmp_path):
+    b = make_batcher(tmp_path, add_sub_model(), "max_batch_size: 16\ndynamic_batching { "
+                     "max_queue_delay_microseconds: 20000 }")
+    rng = np.random.default_rng(0)
+    sizes = [1, 3, 2, 5, 1, 4]
+    xs = [rng.random((n, 4), dtype=np.float32) for n in sizes]
+
+    async def main():
+        b.start()
+        return await asyncio.gather(*(b.submit({"x": x, "y": x * 0 + 1}, len(x)) for x in xs))
+
+    results = run(main())
+    for x, out in zip(xs, results, strict=True):
+        np.testing.assert_array_equal(out["sum"], x + 1)
+        np.testing.assert_array_equal(out["diff"], x - 1)
+    assert b.recorder.execution_count == 1  # 16 rows fit one batch within the delay
+    assert sorted(b.recorder.per_batch) == [16]
+
+
+def test_only_equal_shapes_merge(tmp_path):
+    b = make_batcher(tmp_path, seq_model(), "max_batch_size: 32\ndynamic_batching { "
+                     "max_queue_delay_microseconds: 20000 }")
+    lengths = [3, 5, 3, 5, 7, 3]
+
+    async def main():
+        b.start()
+        return await asyncio.gather(*(b.submit({"tokens": np.full((2, t), i, np.int64)}, 2)
+                                      for i, t in enumerate(lengths)))
+
+    results = run(main())
+    for i, (t, out) in enumerate(zip(lengths, results, strict=True)):
+        np.testing.assert_array_equal(out["total"], np.full((2, 1), i * t, np.float32))
+    assert b.recorder.execution_count == 3  # one batch per length
+    assert sorted(b.recorder.per_batch) == [2, 4, 6]
+
+
+def test_preferred_batch_size_and_max_batch(tmp_path):
+    b = make_batcher(tmp_path, add_sub_model(), "max_batch_size: 8\ndynamic_batching { preferred_batch_size: [ 4 ] "
+                     "max_queue_delay_microseconds: 50000 }")
+    x = np.ones((1, 4), np.float32)
+
+    async def main():
+        b.start()
+        await asyncio.gather(*(b.submit({"x": x, "y": x}, 1) for _ in range(12)))
+
+    run(main())
+    assert set(b.recorder.per_batch) == {4} and b.recorder.execution_count == 3
+
+
+def test_max_queue_delay_is_honoured(tmp_path):
+    b = make_batcher(tmp_path, add_sub_model(), "max_batch_size: 8\ndynamic_batching { "
+                     "max_queue_delay_microseconds: 150000 }")
+    x = np.ones((1, 4), np.float32)
+
+    async def main():
+        b.start()
+        t0 = time.perf_counter()
+        await b.submit({"x": x, "y": x}, 1)  # alone: waits for company up to the delay
+        alone = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        await asyncio.gather(*(b.submit({"x": x, "y": x}, 1) for _ in range(8)))  # a full batch goes at once
+        full = time.perf_counter() - t0
+        return alone, full
+
+    alone, full = run(main())
+    assert 0.14 <= alone < 2.0
+    assert full < 0.14
+
+
+def _busy(tmp_path, config: str) -> Batcher:
+    return make_batcher(tmp_path, slow_model(), config)
+
+
+def test_queue_full_is_unavailable_at_once(tmp_path):
+    b = _busy(tmp_path, "max_batch_size: 1\ndynamic_batching { default_queue_policy { max_queue_size: 2 } }")
+    x = np.ones((1, 1), np.float32)
+
+    async def main():
+        b.start()
+        tasks = [asyncio.ensure_future(b.submit({"x": x}, 1))]
+        await asyncio.sleep(0.01)  # the first runs...
+        tasks += [asyncio.ensure_future(b.submit({"x": x}, 1)) for _ in range(2)]
+        await asyncio.sleep(0.001)  # ...and two wait: the queue is full
+        t0 = time.perf_counter()
+        with pytest.raises(Unavailable, match="queue full"):
+            await b.submit({"x": x}, 1)
+        refused_in = time.perf_counter() - t0
+        await asyncio.gather(*tasks)
+        return refused_in
+
+    assert run(main()) < 0.05
+    assert b.recorder.execution_count == 3
+
+
+def test_timeout_in_queue_and_cancelled_requests_never_run(tmp_path):
+    b = _busy(tmp_path, "max_batch_size: 1\ndynamic_batching { default_queue_policy { "
+                        "default_timeout_microseconds: 1000 } }")
+    x = np.ones((1, 1), np.float32)
+
+    async def main():
+        b.start()
+        first = asyncio.ensure_future(b.submit({"x": x}, 1, timeout_us=10_000_000))  # runs at once
+        await asyncio.sleep(0.005)
+        with pytest.raises(Unavailable, match="timed out"):
+            await b.submit({"x": x}, 1)  # 1 ms default timeout, stuck behind `first`
+        cancelled = asyncio.ensure_future(b.submit({"x": x}, 1, timeout_us=10_000_000))
+        await asyncio.sleep(0.001)
+        cancelled.cancel()
+        await first
+        await asyncio.sleep(0.05)
+
+    run(main())
+    assert b.recorder.execution_count == 1  # neither the timed-out nor the cancelled request ran
+
+
+def test_no_batching_runs_each_request_alone(tmp_path):
+    b = make_batcher(tmp_path, add_sub_model(), "max_batch_size: 8")
+    x = np.ones((2, 4), np.float32)
+
+    async def main():
+        b.start()
+        await asyncio.gather(*(b.submit({"x": x, "y": x}, 2) for _ in range(5)))
+
+    run(main())
+    assert b.recorder.execution_count == 5 and set(b.recorder.per_batch) == {2}
+
+
+@pytest.fixture(scope="module")
+def batching_server(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("batching") / "models"
+    save(add_sub_model(), repo, "batched", config="max_batch_size: 32\ndynamic_batching { "
+         "max_queue_delay_microseconds: 2000 }\ninstance_group [ { count: 2 kind: KIND_CPU } ]\n")
+    save(seq_model(), repo, "seq", config="max_batch_size: 32\ndynamic_batching { max_queue_delay_microseconds: "
+         "2000 }\n")
+    s = Server(repo)
+    yield s, repo
+    s.stop()
+
+
+def test_concurrent_clients_get_exactly_their_unbatched_results(batching_server):
+    server, repo = batching_server
+    sess = ort.InferenceSession(str(repo / "batched" / "1" / "model.onnx"))
+    rng = np.random.default_rng(7)
+    jobs = [rng.random((int(rng.integers(1, 5)), 4), dtype=np.float32) for _ in range(200)]
+    seqs = [np.full((int(rng.integers(1, 4)), int(rng.integers(1, 6))), i, np.int64) for i in range(100)]
+
+    def one(i):
+        from service._proto import inference_pb2_grpc
+
+        stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+        if i < len(jobs):
+            x = jobs[i]
+            got = outputs(stub.ModelInfer(request("batched", x=x, y=2 * x)))
+            want = sess.run(None, {"x": x, "y": 2 * x})
+            return np.array_equal(got["sum"], want[0]) and np.array_equal(got["diff"], want[1])
+        t = seqs[i - len(jobs)]
+        got = outputs(stub.ModelInfer(request("seq", tokens=t)))["total"]
+        return np.array_equal(got, t.sum(axis=1, keepdims=True).astype(np.float32))
+
+    with server.channel() as channel, ThreadPoolExecutor(32) as pool:
+        assert all(pool.map(one, range(len(jobs) + len(seqs))))
+        from service._proto import inference_pb2_grpc
+
+        st = inference_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+            pb.ModelStatisticsRequest(name="batched")).model_stats[0]
+    assert st.inference_count == sum(len(x) for x in jobs)
+    assert st.execution_count < len(jobs)  # requests really were merged
+    assert max(b.batch_size for b in st.batch_stats) > 4
+
+
+def test_request_timeout_parameter_through_the_server(batching_server, tmp_path):
+    server, _ = batching_server
+    with server.channel() as ch:
+        from service._proto import inference_pb2_grpc
+
+        stub = inference_pb2_grpc.GRPCInferenceServiceStub(ch)
+        req = request("batched", x=np.ones((1, 4), np.float32), y=np.ones((1, 4), np.float32))
+        req.parameters["timeout"].int64_param = 10_000_000
+        assert outputs(stub.ModelInfer(req))["sum"][0, 0] == 2.0
+        with pytest.raises(grpc.RpcError) as err:  # an already-expired gRPC deadline
+            stub.ModelInfer(req, timeout=0.000001)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
