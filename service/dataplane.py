@@ -22,8 +22,10 @@ InferResponse = inference_pb2.ModelInferResponse
 
 
 class DataPlane:
-    def __init__(self, registry: Registry, max_inflight: int = 0, access_log: bool = False) -> None:
+    def __init__(self, registry: Registry, max_inflight: int = 0, access_log: bool = False,
+                 max_elements: int = 0) -> None:
         self.registry = registry
+        self.max_elements = max_elements
         self.max_inflight = max_inflight
         self.access_log = access_log
         self.inflight = 0  # accepted and not yet answered; the drain on shutdown waits for 0
@@ -54,7 +56,7 @@ class DataPlane:
         rec = mv.recorder
         rec.pending.inc()
         try:
-            feeds, rows = decode_request(request, mv)
+            feeds, rows = decode_request(request, mv, self.max_elements)
             wanted = requested_outputs(request, mv)
             outputs = await mv.batcher.submit(feeds, rows, _timeout_us(request))
             response = encode_response(request, mv, outputs, wanted)
@@ -80,7 +82,8 @@ def _timeout_us(request: InferRequest) -> int:
     return value
 
 
-def decode_request(request: InferRequest, mv: ModelVersion) -> tuple[dict[str, np.ndarray], int]:
+def decode_request(request: InferRequest, mv: ModelVersion, max_elements: int = 0
+                   ) -> tuple[dict[str, np.ndarray], int]:
     """Inputs as numpy arrays in the model's input order, and the batch size (rows) they share."""
     inputs, raws = request.inputs, request.raw_input_contents
     where = f"model {mv.name!r}"
@@ -104,7 +107,7 @@ def decode_request(request: InferRequest, mv: ModelVersion) -> tuple[dict[str, n
             raise InvalidArgument(f"{where} input {tensor.name!r}: no contents (neither raw_input_contents nor "
                                   "typed contents)")
         decoded[tensor.name] = decode_input(f"{where} input {tensor.name!r}", spec, tensor,
-                                            raws[i] if raws else None, mv.max_batch)
+                                            raws[i] if raws else None, mv.max_batch, max_elements)
     feeds = {n: decoded[n] for n in mv.inputs if n in decoded}
     missing = [n for n, s in mv.inputs.items() if n not in feeds and not s.optional]
     if missing:

@@ -87,11 +87,10 @@ def rpc(fn: Callable) -> Callable:
 
 
 class Servicer:
-    def __init__(self, registry: Registry, metrics: Metrics, state, max_inflight: int = 0,
-                 access_log: bool = False) -> None:
+    def __init__(self, registry: Registry, metrics: Metrics, state, dataplane: DataPlane) -> None:
         self.registry = registry
         self.metrics = metrics
-        self.dataplane = DataPlane(registry, max_inflight, access_log)
+        self.dataplane = dataplane
         self.state = state  # service.server.ServerState: live / ready / draining
 
     @rpc

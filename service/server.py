@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service import logs, settings
 from service._proto import inference_pb2
+from service.dataplane import DataPlane
 from service.grpc_api import Servicer, add_to_server
 from service.metrics import Metrics
 from service.registry import Registry
@@ -109,7 +110,8 @@ async def serve(args) -> int:
     server = grpc.aio.server(options=options, interceptors=interceptors)
     health_servicer = health.aio.HealthServicer()
     state = ServerState(registry, health_servicer, args)
-    servicer = Servicer(registry, metrics, state, max_inflight=args.max_inflight, access_log=args.access_log)
+    dataplane = DataPlane(registry, args.max_inflight, args.access_log, args.max_elements)
+    servicer = Servicer(registry, metrics, state, dataplane)
     add_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

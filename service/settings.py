@@ -48,6 +48,7 @@ def parser() -> argparse.ArgumentParser:
     add("--strict-readiness", True, "ServerReady (and health) only when every model that should load is ready")
     add("--max-inflight", 2048, "server-wide limit of inference requests in flight; beyond it UNAVAILABLE at once")
     add("--max-message-bytes", 64 * 1024 * 1024, "largest gRPC message accepted or sent")
+    add("--max-elements", 1 << 26, "largest number of elements in one input tensor, checked before allocation")
     add("--shutdown-grace-secs", 0.0, "after SIGTERM, keep accepting new requests this long (health already "
         "NOT_SERVING), so load balancers can stop routing here")
     add("--drain-secs", 30.0, "after SIGTERM, wait at most this long for accepted requests to finish")

@@ -102,7 +102,7 @@ def to_raw(arr: np.ndarray, dtype: Dtype) -> bytes:
     return np.ascontiguousarray(arr, dtype=dtype.numpy).tobytes()
 
 
-def check_shape(where: str, spec: TensorSpec, shape: tuple[int, ...], max_batch: int) -> int:
+def check_shape(where: str, spec: TensorSpec, shape: tuple[int, ...], max_batch: int, max_elements: int) -> int:
     """Validate a declared shape against the spec; return its element count (without allocating anything)."""
     if len(shape) != len(spec.shape):
         raise InvalidArgument(f"{where}: expected rank {len(spec.shape)} shape {_fmt(spec.shape)}, got {_fmt(shape)}")
@@ -113,16 +113,20 @@ def check_shape(where: str, spec: TensorSpec, shape: tuple[int, ...], max_batch:
             raise InvalidArgument(f"{where}: expected shape {_fmt(spec.shape)}, got {_fmt(shape)} (axis {i})")
     if max_batch > 0 and shape[0] > max_batch:
         raise InvalidArgument(f"{where}: batch size {shape[0]} exceeds the model's max_batch_size {max_batch}")
-    return math.prod(shape)
+    count = math.prod(shape)
+    if max_elements and count > max_elements:
+        raise InvalidArgument(f"{where}: shape {_fmt(shape)} has {count} elements, over the server's limit of "
+                              f"{max_elements} (--max-elements)")
+    return count
 
 
 def decode_input(where: str, spec: TensorSpec, tensor: inference_pb2.ModelInferRequest.InferInputTensor,
-                 raw: bytes | None, max_batch: int) -> np.ndarray:
+                 raw: bytes | None, max_batch: int, max_elements: int = 0) -> np.ndarray:
     """One input tensor to a numpy array of the spec's dtype and the request's shape."""
     if tensor.datatype != spec.dtype.wire:
         raise InvalidArgument(f"{where}: expected datatype {spec.dtype.wire}, got {tensor.datatype or '(empty)'}")
     shape = tuple(tensor.shape)
-    count = check_shape(where, spec, shape, max_batch)
+    count = check_shape(where, spec, shape, max_batch, max_elements)
     dt = spec.dtype
     if raw is not None:
         if dt is BYTES:
