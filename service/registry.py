@@ -126,7 +126,10 @@ class Registry:
             model.state[v] = (READY, "")
             self.metrics.model_info.labels(name, str(v), mv.config.platform, mv.providers[0]).set(1)
         old = model.ready
-        keep = {v: mv for v, mv in old.items() if v not in new and v in wanted}  # failed reloads keep serving
+        failed = len(new) < len(wanted)
+        # Old versions give way only to a complete load: if any wanted version failed, whatever served before
+        # and was not replaced keeps serving (a corrupt v3 never takes v2 down).
+        keep = {v: mv for v, mv in old.items() if v not in new and (failed or v in wanted)}
         model.ready = {**keep, **new}
         model.refresh_default()
         retired = [mv for v, mv in old.items() if model.ready.get(v) is not mv]

@@ -169,3 +169,63 @@ def slow_model(n: int = 700, reps: int = 4) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])
     return helper.make_model(helper.make_graph(nodes, "slow", [x], [y], initializer=[w, eps]))
+
+
+def publish(model: onnx.ModelProto, repo: Path, name: str, version: int, raw: bytes | None = None) -> None:
+    """Publish a version the way training jobs do: build it in a hidden folder, then rename it into place."""
+    import shutil
+
+    tmp = repo / name / f".tmp-{version}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if raw is None:
+        model.opset_import[0].version = 17
+        model.ir_version = 8
+        onnx.save(model, tmp / "model.onnx")
+    else:
+        (tmp / "model.onnx").write_bytes(raw)
+    os.rename(tmp, repo / name / str(version))
+
+
+class Load:
+    """Clients hammering one model from threads until stopped; every reply's status is counted."""
+
+    def __init__(self, url: str, make_request, concurrency: int = 16, check=None) -> None:
+        import collections
+        import threading
+
+        from service._proto import inference_pb2_grpc
+
+        self.codes: collections.Counter = collections.Counter()
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.channel = grpc.insecure_channel(url)
+        stub = inference_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+
+        self.calls: list[tuple[float, str]] = []  # (monotonic start, status) of every call
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    reply = stub.ModelInfer(make_request(), timeout=30)
+                    code = "OK" if check is None or check(reply) else "WRONG"
+                except grpc.RpcError as exc:
+                    code = exc.code().name
+                    with self._lock:
+                        self.errors.append(f"{code}: {exc.details()}")
+                with self._lock:
+                    self.codes[code] += 1
+                    self.calls.append((t0, code))
+
+        self.threads = [threading.Thread(target=loop, daemon=True) for _ in range(concurrency)]
+        for t in self.threads:
+            t.start()
+
+    def stop(self) -> dict:
+        self._stop.set()
+        for t in self.threads:
+            t.join(60)
+        self.channel.close()
+        return dict(self.codes)
