@@ -109,6 +109,14 @@ class Server:
                 time.sleep(0.1)
         raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
 
+    def wait_log(self, text: str, timeout: float = 60.0) -> None:
+        """For servers a plain-text probe cannot reach (TLS, tokens): wait until the log says `text`."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server never logged {text!r}:\n{self.log()}")
+            time.sleep(0.05)
+
     def log(self) -> str:
         if not self._log.closed:
             self._log.flush()
