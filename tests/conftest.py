@@ -36,6 +36,15 @@ def build_repository(repo: Path) -> Path:
     return repo
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_leaked_servers():
+    yield
+    for s in support.Server.started:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait()
+
+
 @pytest.fixture(scope="session")
 def repository(tmp_path_factory) -> Path:
     return build_repository(tmp_path_factory.mktemp("shared") / "models")

@@ -75,7 +75,10 @@ def free_port() -> int:
 
 
 class Server:
-    """A real `deepserve serve` subprocess. Its log is kept in a file for assertions and failures."""
+    """A real `deepserve serve` subprocess. Its log is kept in a file for assertions and failures. Every one
+    started is killed at the end of the session (conftest), even when a failing test never reached stop()."""
+
+    started: list[Server] = []
 
     def __init__(self, repo: Path, *args: str, env: dict | None = None, wait_ready: bool = True) -> None:
         self.grpc_port, self.metrics_port = free_port(), free_port()
@@ -86,6 +89,7 @@ class Server:
         self._log = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
+        Server.started.append(self)
         if wait_ready:
             self.wait_ready()
 
