@@ -61,28 +61,26 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._freed = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._running: set[asyncio.Task] = set()
+        self._running: set[asyncio.Task] = set()  # scheduled batches, referenced until done
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._schedule(), name=f"batcher-{self.name}")
 
     async def stop(self) -> None:
         """Let queued and running work finish, then stop (used when a version is unloaded or replaced)."""
-        while self.queue or self._running:
+        while self.queue or len(self.free) < len(self.instances):
             await asyncio.sleep(0.005)
         if self._task:
             self._task.cancel()
         self.executor.shutdown(wait=False)
-
-    @property
-    def busy(self) -> int:
-        return len(self.queue) + len(self._running)
 
     async def submit(self, feeds: dict[str, np.ndarray], rows: int, timeout_us: int = 0) -> Outputs:
         """Queue one request and wait for its rows of the outputs."""
         if self.max_queue and len(self.queue) >= self.max_queue:
             raise Unavailable(f"model {self.name!r}: queue full ({self.max_queue} requests waiting); retry later")
         loop = asyncio.get_running_loop()
+        if not self.queue and self.free and not self.delay_ns and not timeout_us:
+            return await self._run_now(feeds, rows)
         key = tuple(a.shape[1:] for a in feeds.values()) if self.batching else ()
         p = Pending(feeds, rows, key, loop.create_future())
         timeout_us = timeout_us or self.default_timeout_us
@@ -95,6 +93,11 @@ class Batcher:
         finally:
             if p.timer:
                 p.timer.cancel()
+
+    async def _run_now(self, feeds: dict[str, np.ndarray], rows: int) -> Outputs:
+        """Idle fast path: nothing queued, an instance free and no delay to wait for, so no batch could form.
+        Run from this request's own coroutine, without waking the scheduler."""
+        return (await self._run_batch(self.free.pop(), [Pending(feeds, rows, (), None)]))[0]
 
     def _expire(self, p: Pending, timeout_us: int) -> None:
         if not p.future.done():
@@ -179,25 +182,44 @@ class Batcher:
         return batch[:best]
 
     async def _execute(self, instance: Instance, batch: list[Pending]) -> None:
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter_ns()
         try:
-            parts, t_in, t_run, t_out = await loop.run_in_executor(self.executor, _work, instance, batch)
-        except Exception as exc:
-            log.exception("model %r: execution of a batch of %d requests failed", self.name, len(batch))
+            parts = await self._run_batch(instance, batch)
+        except ServingError as exc:
             for p in batch:
                 if not p.future.done():
-                    p.future.set_exception(ExecutionError(f"model {self.name!r}: execution failed: {exc}"))
+                    p.future.set_exception(exc)
             return
-        finally:
-            self.free.append(instance)
-            self._freed.set()
-        rec = self.recorder
         for p, out in zip(batch, parts, strict=True):
-            rec.queued(started - p.enqueued)
             if not p.future.done():
                 p.future.set_result(out)
+
+    async def _run_batch(self, instance: Instance, batch: list[Pending]) -> list[Outputs]:
+        """Merge, run and split in an executor thread. The instance is handed back only when that thread is
+        done with it, even if the caller was cancelled meanwhile."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter_ns()
+        work = self.executor.submit(_work, instance, batch)
+        try:
+            parts, t_in, t_run, t_out = await asyncio.wrap_future(work)
+        except BaseException as exc:
+            if work.done():
+                self._release(instance)
+            else:
+                work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release, instance))
+            if isinstance(exc, Exception):
+                log.exception("model %r: execution of a batch of %d requests failed", self.name, len(batch))
+                raise ExecutionError(f"model {self.name!r}: execution failed: {exc}") from exc
+            raise
+        self._release(instance)
+        rec = self.recorder
+        for p in batch:
+            rec.queued(started - p.enqueued)
         rec.executed(sum(p.rows for p in batch), len(batch), t_in, t_run, t_out)
+        return parts
+
+    def _release(self, instance: Instance) -> None:
+        self.free.append(instance)
+        self._freed.set()
 
 
 def _work(instance: Instance, batch: list[Pending]) -> tuple[list[Outputs], int, int, int]:

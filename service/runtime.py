@@ -103,6 +103,11 @@ def session_options(config: model_config_pb2.ModelConfig, place: Placement) -> o
     so.graph_optimization_level = _GRAPH_LEVELS[level]
     arena = param(config, "enable_mem_arena", param(config, "enable_mem_area", "true")).lower()
     so.enable_cpu_mem_arena = arena in _TRUE
+    # onnxruntime's intra-op workers spin between runs by default; in a server they would take the core the event
+    # loop needs to decode the next requests. Off unless the config asks for it.
+    spin = param(config, "allow_spinning", "false").lower() in _TRUE
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "1" if spin else "0")
     so.log_severity_level = 3
     return so
 
