@@ -48,6 +48,13 @@ class Batcher:
         self.recorder = recorder
         self.max_batch = config.max_batch_size
         dyn = config.dynamic_batching if config.HasField("dynamic_batching") else None
+        if config.HasField("sequence_batching"):  # steps of different sequences batch like requests do
+            sb = config.sequence_batching
+            dyn = model_config_pb2.ModelDynamicBatching()
+            strategy = sb.oldest if sb.HasField("oldest") else None
+            dyn.max_queue_delay_microseconds = (strategy or sb.direct).max_queue_delay_microseconds
+            if strategy:
+                dyn.preferred_batch_size.extend(strategy.preferred_batch_size)
         self.batching = dyn is not None and self.max_batch > 0
         self.delay_ns = dyn.max_queue_delay_microseconds * 1000 if dyn else 0
         self.preferred = sorted(p for p in dyn.preferred_batch_size if 0 < p <= self.max_batch) if dyn else []

@@ -70,7 +70,13 @@ def _ort_dtype(arg: ort.NodeArg, where: str):
 def complete(config: ModelConfig, session: ort.InferenceSession, explicit: bool) -> None:
     """Fill what the config leaves out from the graph and check what it says against the graph.
     `explicit` is False when there was no config.pbtxt at all (then batching is inferred)."""
-    inputs, outputs = session.get_inputs(), session.get_outputs()
+    state = {n for st in config.sequence_batching.state for n in (st.input_name, st.output_name)}
+    graph_names = {a.name for a in session.get_inputs() + session.get_outputs()}
+    missing_state = sorted(state - graph_names)
+    if missing_state:
+        raise ModelLoadError(f"sequence_batching state {missing_state} is not in the model")
+    inputs = [a for a in session.get_inputs() if a.name not in state]  # state is the server's, not the client's
+    outputs = [a for a in session.get_outputs() if a.name not in state]
     if not explicit and config.max_batch_size == 0 and all(_graph_shape(a)[:1] == (-1,) for a in inputs + outputs):
         config.max_batch_size = AUTO_MAX_BATCH_SIZE
         config.dynamic_batching.SetInParent()

@@ -58,7 +58,10 @@ class DataPlane:
         try:
             feeds, rows = decode_request(request, mv, self.max_elements)
             wanted = requested_outputs(request, mv)
-            outputs = await mv.batcher.submit(feeds, rows, _timeout_us(request))
+            if mv.sequences is None:
+                outputs = await mv.batcher.submit(feeds, rows, _timeout_us(request))
+            else:
+                outputs = await mv.sequences.step(mv.batcher, feeds, rows, request.parameters, _timeout_us(request))
             response = encode_response(request, mv, outputs, wanted)
         except ServingError as exc:
             rec.request_failed(time.perf_counter_ns() - t0, exc.code.name)

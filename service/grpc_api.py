@@ -22,8 +22,8 @@ from service.metrics import Metrics
 from service.registry import READY, Registry
 
 log = logging.getLogger("deepserve.grpc")
-EXTENSIONS = ["classification", "model_repository", "schedule_policy", "model_configuration", "statistics",
-              "parameters"]
+EXTENSIONS = ["classification", "sequence", "model_repository", "schedule_policy", "model_configuration",
+              "statistics", "parameters"]
 
 
 class BadMessage:

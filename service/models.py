@@ -17,6 +17,7 @@ from service.config import complete, read_labels, specs
 from service.errors import ModelLoadError
 from service.metrics import Metrics
 from service.runtime import Instance, placement, session_options
+from service.sequences import Sequences
 from service.stats import Recorder
 from service.tensors import BY_CONFIG, BYTES, TensorSpec
 
@@ -36,6 +37,7 @@ class ModelVersion:
     recorder: Recorder
     metadata: inference_pb2.ModelMetadataResponse = field(default_factory=inference_pb2.ModelMetadataResponse)
     batcher: Batcher | None = None
+    sequences: Sequences | None = None
 
     @property
     def version_str(self) -> str:
@@ -66,9 +68,11 @@ def load_version(model_dir: Path, version: int, config: model_config_pb2.ModelCo
     config.parameters["execution_providers"].string_value = ",".join(providers)
     for note in place.notes:
         log.warning("model %s version %d: %s", name, version, note)
-    _warmup(instances, config, inputs)
+    sequences = Sequences(name, config) if config.HasField("sequence_batching") else None
+    _warmup(instances, config, inputs, sequences)
     recorder = Recorder(metrics, name, str(version))
-    mv = ModelVersion(name, version, config, inputs, outputs, labels, instances, providers, recorder)
+    mv = ModelVersion(name, version, config, inputs, outputs, labels, instances, providers, recorder,
+                      sequences=sequences)
     mv.metadata = _metadata(mv)
     metrics.load_duration.labels(name, str(version)).set(time.perf_counter() - t0)
     log.info("model %s version %d loaded in %.2fs on %s (%d instance%s, %d intra-op threads each)", name, version,
@@ -99,7 +103,8 @@ def _sample(spec: TensorSpec, dims: list[int], batch: int, random: bool) -> np.n
     return np.zeros(shape, dtype=spec.dtype.numpy)
 
 
-def _warmup(instances: list[Instance], config: model_config_pb2.ModelConfig, inputs: dict[str, TensorSpec]) -> None:
+def _warmup(instances: list[Instance], config: model_config_pb2.ModelConfig, inputs: dict[str, TensorSpec],
+            sequences: Sequences | None) -> None:
     """Config `model_warmup` samples, or one zero-data request of batch 1 (each dynamic dim 1)."""
     plans = []
     for w in config.model_warmup:
@@ -119,6 +124,9 @@ def _warmup(instances: list[Instance], config: model_config_pb2.ModelConfig, inp
                  for n, s in inputs.items() if not s.optional}
         plans.append(("default", feeds, 1))
     for name, feeds, count in plans:
+        if sequences:
+            rows = next(iter(feeds.values())).shape[0] if feeds else 1
+            feeds = {**feeds, **{st.input: np.zeros((rows, *st.dims), st.dtype) for st in sequences.states}}
         for inst in instances:
             for _ in range(count):
                 try:

@@ -122,6 +122,8 @@ class Registry:
                 continue
             mv.batcher = Batcher(f"{name}:{v}", mv.instances, mv.config, mv.recorder)
             mv.batcher.start()
+            if mv.sequences:
+                mv.sequences.start()
             new[v] = mv
             model.state[v] = (READY, "")
             self.metrics.model_info.labels(name, str(v), mv.config.platform, mv.providers[0]).set(1)
@@ -165,6 +167,8 @@ class Registry:
         for mv in versions:
             if mv.batcher:
                 await mv.batcher.stop()
+            if mv.sequences:
+                mv.sequences.stop()
             self.metrics.model_info.remove(mv.name, mv.version_str, mv.config.platform, mv.providers[0])
             log.info("model %s version %d unloaded", mv.name, mv.version)
 

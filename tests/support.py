@@ -241,3 +241,33 @@ class Load:
             t.join(60)
         self.channel.close()
         return dict(self.codes)
+
+
+def rnn_cell_model(hidden: int = 8, classes: int = 3, seed: int = 0):
+    """x_t FP32 [B,1], h_in [B,hidden] -> h_out = tanh(x_t W + h_in U), y = h_out V. Returns (model, (W, U, V))."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    w, u, v = (rng.standard_normal(s).astype(np.float32) * 0.5 for s in ((1, hidden), (hidden, hidden),
+                                                                      (hidden, classes)))
+    inits = [helper.make_tensor(n, TensorProto.FLOAT, a.shape, a.ravel()) for n, a in (("W", w), ("U", u), ("V", v))]
+    nodes = [helper.make_node("MatMul", ["x_t", "W"], ["a"]), helper.make_node("MatMul", ["h_in", "U"], ["b"]),
+             helper.make_node("Add", ["a", "b"], ["c"]), helper.make_node("Tanh", ["c"], ["h_out"]),
+             helper.make_node("MatMul", ["h_out", "V"], ["y"])]
+    ins = [helper.make_tensor_value_info("x_t", TensorProto.FLOAT, ["batch", 1]),
+           helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["batch", hidden])]
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", classes]),
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["batch", hidden])]
+    return helper.make_model(helper.make_graph(nodes, "cell", ins, outs, initializer=inits)), (w, u, v)
+
+
+SEQUENCE_CONFIG = """
+max_batch_size: 16
+sequence_batching {
+  max_sequence_idle_microseconds: %d
+  state [ { input_name: "h_in" output_name: "h_out" data_type: TYPE_FP32 dims: [ 8 ]
+            initial_state: { name: "zero" data_type: TYPE_FP32 dims: [ 8 ] zero_data: true } } ]
+  oldest { max_candidate_sequences: 16 max_queue_delay_microseconds: 2000 }
+}
+parameters { key: "max_sequences" value { string_value: "%d" } }
+"""

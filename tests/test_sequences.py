@@ -1,0 +1,180 @@
+"""Stateful sequences (Triton's sequence batcher with implicit state) and streaming, through the real server, our
+stubs and tritonclient."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from support import SEQUENCE_CONFIG, Server, outputs, request, rnn_cell_model, save
+
+from service._proto import inference_pb2 as pb
+from service._proto import inference_pb2_grpc
+
+
+def reference(seq: np.ndarray, weights) -> np.ndarray:
+    w, u, v = weights
+    h = np.zeros((1, u.shape[0]), np.float32)
+    for x in seq:
+        h = np.tanh(np.array([[x]], np.float32) @ w + h @ u)
+    return (h @ v)[0]
+
+
+@pytest.fixture(scope="module")
+def seq_server(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("seq") / "models"
+    model, weights = rnn_cell_model()
+    save(model, repo, "cell", config=SEQUENCE_CONFIG % (400_000, 64))
+    s = Server(repo)
+    yield s, weights
+    s.stop()
+
+
+def step(sid, x, start=False, end=False, model="cell"):
+    req = request(model, x_t=np.array([[x]], np.float32))
+    req.parameters["sequence_id"].CopyFrom(pb.InferParameter(**({"string_param": sid} if isinstance(sid, str)
+                                                                 else {"uint64_param": sid})))
+    req.parameters["sequence_start"].bool_param = start
+    req.parameters["sequence_end"].bool_param = end
+    return req
+
+
+def run_sequence(stub, sid, seq):
+    y = None
+    for i, x in enumerate(seq):
+        y = outputs(stub.ModelInfer(step(sid, float(x), i == 0, i == len(seq) - 1)))["y"][0]
+    return y
+
+
+def test_state_is_hidden_from_the_client(seq_server):
+    server, _ = seq_server
+    stub = inference_pb2_grpc.GRPCInferenceServiceStub(server.channel())
+    md = stub.ModelMetadata(pb.ModelMetadataRequest(name="cell"))
+    assert [t.name for t in md.inputs] == ["x_t"] and [t.name for t in md.outputs] == ["y"]
+    assert "sequence" in stub.ServerMetadata(pb.ServerMetadataRequest()).extensions
+
+
+def test_interleaved_sequences_match_the_whole_sequence_computation(seq_server):
+    server, weights = seq_server
+    rng = np.random.default_rng(3)
+    seqs = {i + 1: rng.standard_normal(int(rng.integers(3, 30))).astype(np.float32) for i in range(48)}
+    seqs["text-id"] = rng.standard_normal(10).astype(np.float32)
+    with server.channel() as ch, ThreadPoolExecutor(24) as pool:
+        stub = inference_pb2_grpc.GRPCInferenceServiceStub(ch)
+        finals = dict(zip(seqs, pool.map(lambda k: run_sequence(stub, k, seqs[k]), seqs), strict=True))
+        stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="cell")).model_stats[0]
+    worst = max(float(np.abs(finals[k] - reference(seqs[k], weights)).max()) for k in seqs)
+    assert worst <= 1e-5
+    steps = sum(len(s) for s in seqs.values())
+    assert stats.inference_count == steps and stats.execution_count < steps  # steps of different sequences merged
+
+
+def test_sequence_errors(seq_server):
+    server, _ = seq_server
+    stub = inference_pb2_grpc.GRPCInferenceServiceStub(server.channel())
+
+    def code(req):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(req)
+        return err.value.code(), err.value.details()
+
+    c, msg = code(request("cell", x_t=np.ones((1, 1), np.float32)))
+    assert c == grpc.StatusCode.INVALID_ARGUMENT and "sequence_id" in msg
+    c, msg = code(step(987654, 0.5))
+    assert c == grpc.StatusCode.INVALID_ARGUMENT and "not live" in msg
+    stub.ModelInfer(step(555, 0.1, start=True))
+    stub.ModelInfer(step(555, 0.2, end=True))
+    c, msg = code(step(555, 0.3))  # ended
+    assert c == grpc.StatusCode.INVALID_ARGUMENT and "not live" in msg
+    stub.ModelInfer(step(556, 0.1, start=True))
+    time.sleep(1.2)  # idle past max_sequence_idle_microseconds (0.4 s): freed
+    c, msg = code(step(556, 0.2))
+    assert c == grpc.StatusCode.INVALID_ARGUMENT and "idle" in msg
+    bad = step(557, 0.1, start=True)
+    bad.parameters["sequence_id"].string_param = ""
+    assert code(bad)[0] == grpc.StatusCode.INVALID_ARGUMENT
+    two = request("cell", x_t=np.ones((2, 1), np.float32))
+    two.parameters["sequence_id"].int64_param = 9
+    two.parameters["sequence_start"].bool_param = True
+    assert "batch size 1" in code(two)[1]
+
+
+def test_live_sequence_cap(tmp_path):
+    repo = tmp_path / "models"
+    model, _ = rnn_cell_model()
+    save(model, repo, "cell", config=SEQUENCE_CONFIG % (10_000_000, 3))
+    server = Server(repo)
+    stub = inference_pb2_grpc.GRPCInferenceServiceStub(server.channel())
+    try:
+        for sid in (1, 2, 3):
+            stub.ModelInfer(step(sid, 0.0, start=True))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(step(4, 0.0, start=True))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "cap" in err.value.details()
+        stub.ModelInfer(step(1, 0.0, end=True))
+        stub.ModelInfer(step(4, 0.0, start=True))
+    finally:
+        server.stop()
+
+
+TRITON_STREAM = r"""
+import json, queue, sys
+import numpy as np
+import tritonclient.grpc as tc
+url = sys.argv[1]
+seqs = json.loads(sys.argv[2])
+c = tc.InferenceServerClient(url)
+# unary calls with tritonclient's own sequence arguments
+finals = {}
+for sid, seq in list(seqs.items())[:2]:
+    for i, x in enumerate(seq):
+        inp = tc.InferInput("x_t", [1, 1], "FP32"); inp.set_data_from_numpy(np.array([[x]], np.float32))
+        r = c.infer("cell", [inp], sequence_id=int(sid), sequence_start=i == 0, sequence_end=i == len(seq) - 1)
+    finals[sid] = r.as_numpy("y")[0].tolist()
+# a bidirectional stream, sequences interleaved step by step, plus one bad request that must not end the stream
+results = queue.Queue()
+c.start_stream(callback=lambda result, error: results.put((result, error)))
+stream_ids = list(seqs)[2:]
+sent = 0
+for t in range(max(len(seqs[s]) for s in stream_ids)):
+    for sid in stream_ids:
+        seq = seqs[sid]
+        if t < len(seq):
+            inp = tc.InferInput("x_t", [1, 1], "FP32"); inp.set_data_from_numpy(np.array([[seq[t]]], np.float32))
+            c.async_stream_infer("cell", [inp], request_id=f"{sid}:{t}", sequence_id=int(sid),
+                                 sequence_start=t == 0, sequence_end=t == len(seq) - 1)
+            sent += 1
+    if t == 1:
+        c.async_stream_infer("no_such_model", [inp], request_id="bad"); sent += 1
+errors, last = [], {}
+for _ in range(sent):
+    result, error = results.get(timeout=30)
+    if error is not None:
+        errors.append(str(error)); continue
+    sid, t = result.get_response().id.split(":")
+    if int(t) == len(seqs[sid]) - 1:
+        last[sid] = result.as_numpy("y")[0].tolist()
+c.stop_stream()
+print(json.dumps({"unary": finals, "stream": last, "errors": errors}))
+"""
+
+
+def test_tritonclient_sequences_unary_and_streaming(seq_server):
+    server, weights = seq_server
+    rng = np.random.default_rng(11)
+    seqs = {str(100 + i): rng.standard_normal(int(rng.integers(2, 12))).astype(np.float32).tolist() for i in range(8)}
+    r = subprocess.run([sys.executable, "-c", TRITON_STREAM, server.url, json.dumps(seqs)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout)
+    assert len(got["errors"]) == 1 and "no_such_model" in got["errors"][0]
+    finals = {**got["unary"], **got["stream"]}
+    assert set(finals) == set(seqs)
+    for sid, y in finals.items():
+        np.testing.assert_allclose(y, reference(np.array(seqs[sid], np.float32), weights), atol=1e-5)
