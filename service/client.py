@@ -65,6 +65,8 @@ def infer_main(argv: list[str]) -> int:
     p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="an input from a .npy")
     p.add_argument("--examples", action="store_true", help="send the model's published examples.npz and compare "
                    "the predictions with the true labels")
+    p.add_argument("--text", action="append", default=[], help="raw text for a model with a text input "
+                   "(repeatable: one sample each)")
     p.add_argument("--repository", default="models", help="where --examples looks for examples.npz")
     p.add_argument("--top", type=int, default=3, help="classes to show per sample for classifiers")
     p.add_argument("--token", default="", help="bearer token for a server started with --auth-token-file")
@@ -82,6 +84,11 @@ def infer_main(argv: list[str]) -> int:
                 data = np.load(_examples(Path(args.repository), args.model, args.version), allow_pickle=False)
                 feeds = {t.name: data[t.name] for t in md.inputs if t.name in data}
                 labels = data.get("label")
+            elif args.text:
+                text_inputs = [t.name for t in md.inputs if t.datatype == "BYTES"]
+                if not text_inputs:
+                    raise SystemExit(f"model {args.model} has no text (BYTES) input")
+                feeds = {text_inputs[0]: np.array([t.encode() for t in args.text], dtype=object)}
             else:
                 feeds = {}
                 for item in args.input:
@@ -110,7 +117,8 @@ def infer_main(argv: list[str]) -> int:
             shown = "  ".join(c.decode() for c in row)
             truth = f"  true {labels[i]}" + (" ok" if labels[i] == predicted[i] else " WRONG") \
                 if labels is not None else ""
-            print(f"  [{i}] {shown}{truth}")
+            sample = f" {args.text[i]!r}:" if args.text else ""
+            print(f"  [{i}]{sample} {shown}{truth}")
         if labels is not None:
             print(f"accuracy on these examples: {np.mean(predicted == labels):.1%}")
     else:

@@ -96,11 +96,20 @@ def decode_request(request: InferRequest, mv: ModelVersion, max_elements: int = 
         raise InvalidArgument(f"{where}: {len(raws)} raw_input_contents for {len(inputs)} inputs; "
                               "send one raw entry per input, in order")
     decoded: dict[str, np.ndarray] = {}
+    text = mv.text
     for i, tensor in enumerate(inputs):
+        if text is not None and tensor.name == text.name:
+            if text.target in decoded:
+                raise InvalidArgument(f"{where}: send {text.name!r} or {text.target!r}, not both, and once")
+            decoded[text.target] = text.decode(f"{where} input {text.name!r}", tensor, raws[i] if raws else None,
+                                               mv.max_batch, max_elements)
+            continue
         spec = mv.inputs.get(tensor.name)
         if spec is None:
             raise InvalidArgument(f"{where}: unknown input {tensor.name!r}; expected {_names(mv.inputs)}")
         if tensor.name in decoded:
+            if text is not None and tensor.name == text.target:
+                raise InvalidArgument(f"{where}: send {text.name!r} or {text.target!r}, not both")
             raise InvalidArgument(f"{where}: input {tensor.name!r} appears twice")
         has_typed = tensor.HasField("contents") and tensor.contents.ByteSize() > 0
         if raws and has_typed:

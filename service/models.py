@@ -20,6 +20,7 @@ from service.runtime import Instance, placement, session_options
 from service.sequences import Sequences
 from service.stats import Recorder
 from service.tensors import BY_CONFIG, BYTES, TensorSpec
+from service.text import TextInput
 
 log = logging.getLogger("deepserve.models")
 
@@ -38,6 +39,7 @@ class ModelVersion:
     metadata: inference_pb2.ModelMetadataResponse = field(default_factory=inference_pb2.ModelMetadataResponse)
     batcher: Batcher | None = None
     sequences: Sequences | None = None
+    text: TextInput | None = None
 
     @property
     def version_str(self) -> str:
@@ -71,8 +73,9 @@ def load_version(model_dir: Path, version: int, config: model_config_pb2.ModelCo
     sequences = Sequences(name, config) if config.HasField("sequence_batching") else None
     _warmup(instances, config, inputs, sequences)
     recorder = Recorder(metrics, name, str(version))
+    text = TextInput(config, inputs) if "text_input" in config.parameters else None
     mv = ModelVersion(name, version, config, inputs, outputs, labels, instances, providers, recorder,
-                      sequences=sequences)
+                      sequences=sequences, text=text)
     mv.metadata = _metadata(mv)
     metrics.load_duration.labels(name, str(version)).set(time.perf_counter() - t0)
     log.info("model %s version %d loaded in %.2fs on %s (%d instance%s, %d intra-op threads each)", name, version,
@@ -88,7 +91,8 @@ def _copy(config: model_config_pb2.ModelConfig) -> model_config_pb2.ModelConfig:
 
 def _metadata(mv: ModelVersion) -> inference_pb2.ModelMetadataResponse:
     md = inference_pb2.ModelMetadataResponse(name=mv.name, platform=mv.config.platform, versions=[mv.version_str])
-    for specs_, field_ in ((mv.inputs, md.inputs), (mv.outputs, md.outputs)):
+    extra = {mv.text.name: mv.text.spec} if mv.text else {}
+    for specs_, field_ in (({**mv.inputs, **extra}, md.inputs), (mv.outputs, md.outputs)):
         for s in specs_.values():
             field_.add(name=s.name, datatype=s.dtype.wire, shape=list(s.shape))
     return md
