@@ -9,7 +9,7 @@ REPO ?= models
 # torch is installed on its own first, pinned: a bare range could pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test models serve lint proto bench soak clean
+.PHONY: install test models serve lint proto bench soak fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,7 @@ serve: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/hadolint Dockerfile
+	$(BIN)/hadolint Dockerfile Dockerfile.gpu
 
 proto: install
 	$(PY) proto/generate.py
@@ -44,8 +44,13 @@ proto: install
 bench: install
 	$(BIN)/deepserve bench --repository $(REPO)
 
+# Long forms of tests that CI runs short: 10 minutes at concurrency 64 over the example models; 100k fuzz cases.
 soak: install
-	$(PY) -m pytest -q tests/test_soak.py --soak-seconds 600
+	@if ! ls $(REPO)/*/config.pbtxt >/dev/null 2>&1; then $(MAKE) models; fi
+	$(BIN)/pytest -q -s tests/test_soak.py --soak-seconds 600 --soak-repository $(REPO)
+
+fuzz: install
+	FUZZ_EXAMPLES=50000 FUZZ_MUTATIONS=50000 $(BIN)/pytest -q tests/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -64,3 +64,9 @@ def stub(server):
 
     with server.channel() as ch:
         yield inference_pb2_grpc.GRPCInferenceServiceStub(ch)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--soak-seconds", type=float, default=8.0, help="soak test duration (make soak: 600)")
+    parser.addoption("--soak-repository", default="", help="soak this repository instead of the test models "
+                     "(make soak: models/)")

@@ -271,3 +271,34 @@ sequence_batching {
 }
 parameters { key: "max_sequences" value { string_value: "%d" } }
 """
+
+
+def build_request_for(stub, name: str):
+    """A request maker for any served model, from its metadata and config: examples.npz rows when published,
+    else ones with every dynamic dim 1; stateful models get a one-step sequence with a fresh id each call."""
+    import numpy as np
+
+    from service._proto import inference_pb2
+    from service.tensors import BY_WIRE
+
+    md = stub.ModelMetadata(inference_pb2.ModelMetadataRequest(name=name))
+    cfg = stub.ModelConfig(inference_pb2.ModelConfigRequest(name=name)).config
+    stateful = cfg.HasField("sequence_batching")
+    feeds = {}
+    for t in md.inputs:
+        if t.datatype == "BYTES" and "text_input" in cfg.parameters:
+            continue  # the token input covers it
+        shape = [1 if d == -1 else d for d in t.shape]
+        dt = BY_WIRE[t.datatype]
+        feeds[t.name] = (np.full(shape, b"a", dtype=object) if t.datatype == "BYTES"
+                         else np.ones(shape, dtype=dt.numpy))
+
+    def make(i: int):
+        req = request(name, **feeds)
+        if stateful:
+            req.parameters["sequence_id"].uint64_param = i
+            req.parameters["sequence_start"].bool_param = True
+            req.parameters["sequence_end"].bool_param = True
+        return req
+
+    return make
