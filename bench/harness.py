@@ -1,0 +1,280 @@
+"""`deepserve bench` (and `make bench`): the server and its ceilings, measured side by side in one run.
+
+Order of work, and why:
+1. A work copy of the repository: the published digits_cnn (or a stand-in) served twice, batching on and off, and
+   the compute-heavy bench_resnet. The user's repository is never touched.
+2. The server and one transport-ceiling server per batch size run at the same time; each (batch, concurrency)
+   point measures the server and then the ceiling back to back, so slow drifts in the machine's load hit both
+   sides of a ratio alike. Idle gRPC servers cost nothing measurable.
+3. The compute ceiling is measured in-process right before the resnet points at the same batch size.
+4. The leak check runs on a fresh server so that "after 20k requests" means exactly that.
+5. When a server-vs-ceiling target is missed and py-spy is installed, a profile of the request path under the
+   failing load is added to the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata as pkg
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from bench import compute, profile, report
+from bench.loadgen import BenchError, Generator, Measurement, PythonLoad, cores, measure, pick_generator
+from bench.models import DIGITS, DIGITS_NOBATCH, RESNET, BenchRepository, prepare_repository, read_config
+from bench.procs import Target, ceiling, deepserve, model_info
+from service._proto import model_config_pb2
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Plan:
+    """How much to measure. `--quick` scales every count and duration down; flags override single knobs."""
+
+    concurrency: list[int]
+    batches: list[int]
+    resnet_concurrency: list[int]
+    seconds: float
+    compute_seconds: float
+    leak_requests: int
+    leak_rounds: int
+    resnet_widths: tuple[int, ...]
+    profile: str
+    label: str
+
+    @property
+    def leak_high(self) -> int:
+        return self.leak_requests * self.leak_rounds
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, Plan]:
+    p = argparse.ArgumentParser(prog="deepserve bench", description="Benchmark the server against its transport "
+                                "ceiling (bare grpc.aio, fixed reply) and compute ceiling (raw onnxruntime); "
+                                "writes results.md, results.json and throughput.png.")
+    p.add_argument("--repository", type=Path, default=Path("models"),
+                   help="repository with the published digits_cnn (a stand-in is built when it has none)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the report goes (default bench/results)")
+    p.add_argument("--quick", action="store_true", help="scale every count down (about 2 minutes)")
+    p.add_argument("--generator", choices=["auto", "perf_analyzer", "python"], default="auto",
+                   help="load generator; auto = perf_analyzer when it runs, else the Python one")
+    p.add_argument("--concurrency", type=_ints, help="digits_cnn concurrency levels (default 1,4,16,32,64)")
+    p.add_argument("--batches", type=_ints, help="request batch sizes (default 1,32)")
+    p.add_argument("--resnet-concurrency", type=_ints, help="bench_resnet concurrency levels (default 1,4,16)")
+    p.add_argument("--seconds", type=float, help="length of each measured point (default 3, quick 1)")
+    p.add_argument("--compute-seconds", type=float, help="length of each compute-ceiling run (default 3)")
+    p.add_argument("--leak-requests", type=int, help="requests per leak-check round (default 20000, quick 2000)")
+    p.add_argument("--leak-rounds", type=int, default=10, help="rounds; RSS is read after each (default 10)")
+    p.add_argument("--resnet-widths", type=_ints, default=[32, 64, 128], help=argparse.SUPPRESS)
+    p.add_argument("--profile", choices=["auto", "on", "off"], default="auto",
+                   help="py-spy profile of the request path: auto = when a server-vs-ceiling target is missed")
+    a = p.parse_args(argv)
+    quick = a.quick
+    knobs = ("concurrency", "batches", "resnet_concurrency", "seconds", "compute_seconds", "leak_requests")
+    custom = [k for k in knobs if getattr(a, k) is not None] + (["leak_rounds"] if a.leak_rounds != 10 else [])
+    label = ("quick" if quick else "full") + (f", overridden: {', '.join(custom)}" if custom else "")
+    plan = Plan(a.concurrency or [1, 4, 16, 32, 64], a.batches or [1, 32],
+                a.resnet_concurrency or ([1, 4] if quick else [1, 4, 16]),
+                a.seconds or (1.0 if quick else 3.0), a.compute_seconds or (1.0 if quick else 3.0),
+                a.leak_requests or (2000 if quick else 20000), a.leak_rounds, tuple(a.resnet_widths), a.profile,
+                label)
+    return a, plan
+
+
+class Run:
+    """One benchmark run: owns the results, the log folder and the progress lines on stderr."""
+
+    def __init__(self, plan: Plan, gen: Generator, out: Path, repo: BenchRepository, meta: dict[str, str]) -> None:
+        self.plan, self.gen, self.out, self.repo = plan, gen, out, repo
+        self.logs = out / "logs"
+        self.t0 = time.monotonic()
+        self.results = report.Results(meta, DIGITS, RESNET)
+        self.warmer = PythonLoad()
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.t0:5.0f}s] {text}", file=sys.stderr, flush=True)
+
+    def point(self, target: Target, model: str, version: str, batch: int, concurrency: int,
+              label: str, latency_ms: float = 0.0) -> Measurement | None:
+        try:
+            return measure(self.gen, target.url, model, version, batch, concurrency, self.plan.seconds, label,
+                           latency_ms)
+        except BenchError as exc:
+            self.results.errors.append(f"{label} {model} batch {batch} concurrency {concurrency}: {exc}")
+            self.say(f"FAILED {label} {model} b{batch} c{concurrency}: {str(exc)[:200]}")
+            return None
+
+    def warm(self, target: Target, model: str, version: str, batch: int, requests: int) -> None:
+        """A few requests before the first point: first onnxruntime runs, arenas, lazy imports. Sent from this
+        process (no perf_analyzer start-up, whose count mode also rounds up to whole seconds)."""
+        try:
+            self.warmer.run(target.url, model, version, batch, 4, requests, "warm-up")
+        except BenchError as exc:
+            self.say(f"warm-up of {target.name} {model} failed: {str(exc)[:200]}")
+
+    def sweep(self, server: Target, ceilings: dict[int, Target], version: str) -> None:
+        for batch in self.plan.batches:
+            self.warm(server, DIGITS, version, batch, 200)
+            self.warm(ceilings[batch], DIGITS, version, batch, 200)
+            for conc in self.plan.concurrency:
+                s = self.point(server, DIGITS, version, batch, conc, "server")
+                c = self.point(ceilings[batch], DIGITS, version, batch, conc, "transport ceiling")
+                if s and c:
+                    self.results.sweep.append((s, c))
+                    self.say(f"{DIGITS} b{batch} c{conc}: server {s.requests_per_s:,.0f} req/s, ceiling "
+                             f"{c.requests_per_s:,.0f} req/s ({s.requests_per_s / c.requests_per_s:.2f}x); p50 "
+                             f"{s.p50_ms:.2f} vs {c.p50_ms:.2f} ms")
+
+    def batching(self, server: Target, version: str) -> None:
+        conc = 32
+        self.warm(server, DIGITS_NOBATCH, version, 1, 200)
+        on = self.point(server, DIGITS, version, 1, conc, "server")
+        off = self.point(server, DIGITS_NOBATCH, version, 1, conc, "server")
+        if on and off:
+            self.results.batching = (on, off)
+            self.say(f"batching on {on.requests_per_s:,.0f} req/s, off {off.requests_per_s:,.0f} req/s "
+                     f"({on.requests_per_s / off.requests_per_s:.2f}x)")
+
+    def compute_and_resnet(self, server: Target) -> None:
+        models = self.repo.root
+        for name in (DIGITS, RESNET):
+            cfg = read_config(models / name / "config.pbtxt")
+            model_file = next((models / name).glob("*/model.onnx"))
+            sess = compute.session(model_file, cfg)
+            version = model_file.parent.name
+            for batch in self.plan.batches:
+                cc = compute.measure(model_file, cfg, batch, self.plan.compute_seconds, sess)
+                self.results.compute.append(cc)
+                self.say(f"compute ceiling {name} b{batch}: {cc.samples_per_s:,.0f} samples/s")
+                if name != RESNET:
+                    continue
+                self.warm(server, RESNET, version, batch, 8)
+                for conc in self.plan.resnet_concurrency:
+                    guess_ms = conc * batch / cc.samples_per_s * 1e3  # queueing behind the others in flight
+                    m = self.point(server, RESNET, version, batch, conc, "server", guess_ms)
+                    if m:
+                        self.results.resnet.append(m)
+                        self.say(f"{RESNET} b{batch} c{conc}: server {m.infer_per_s:,.0f} samples/s "
+                                 f"({m.infer_per_s / cc.samples_per_s:.2f}x raw onnxruntime)")
+
+    def leak(self) -> None:
+        """A fresh server, then rounds of batch-1 requests at 32 in flight, RSS read after each round."""
+        with deepserve(self.repo.root, self.logs, "server_leak").start() as server:
+            version, _ = model_info(server.url, DIGITS)
+            served = 0
+            for _ in range(self.plan.leak_rounds):
+                try:
+                    self.gen.run(server.url, DIGITS, version, 1, 32, self.plan.leak_requests, "server")
+                except BenchError as exc:
+                    self.results.errors.append(f"leak check after {served:,} requests: {exc}")
+                    return
+                served += self.plan.leak_requests
+                self.results.leak.append((served, server.rss_bytes()))
+            first, last = self.results.leak[0][1], self.results.leak[-1][1]
+            self.say(f"leak check: RSS {first / 2**20:.0f} MiB after {self.plan.leak_requests:,}, "
+                     f"{last / 2**20:.0f} MiB after {served:,} ({last / first - 1:+.1%})")
+
+    def profiles(self, server: Target, version: str) -> None:
+        """py-spy on the server under the load of each missed server-vs-ceiling target."""
+        v = report.verdicts(self.results, 0, 0)  # order: throughput, c=1 p50, resnet, batching, leak
+        wanted = {(DIGITS, 1, 32): v[0].passed is False or v[1].passed is False,
+                  (RESNET, 32, 4): v[2].passed is False}
+        loads = [k for k, missed in wanted.items() if self.plan.profile == "on" or missed]
+        for model, batch, conc in loads:
+            seconds = max(2.0, self.plan.seconds * 2)
+            rate = next((m.requests_per_s for m, _ in self.results.sweep if (m.model, m.batch, m.concurrency)
+                         == (model, batch, conc)), None) or next((m.requests_per_s for m in self.results.resnet
+                                                                  if (m.batch, m.concurrency) == (batch, conc)), 50.0)
+            count = max(4 * conc, int(rate * seconds * 1.3))
+            self.say(f"profiling the server under {model} b{batch} c{conc} with py-spy")
+
+            def load(model: str = model, batch: int = batch, conc: int = conc, count: int = count) -> None:
+                try:
+                    self.gen.run(server.url, model, version, batch, conc, count, "server")
+                except BenchError as exc:
+                    self.results.errors.append(f"profile load {model}: {exc}")
+
+            stem = f"profile_{model}_b{batch}_c{conc}"
+            lines = profile.record(server.pid, seconds, self.out, stem, load)
+            self.results.profile += [f"### {model}, batch {batch}, {conc} in flight", "", *lines, ""]
+
+
+def _meta(plan: Plan, gen_note: str, repo: BenchRepository) -> dict[str, str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    versions = ", ".join(f"{p} {pkg.version(p)}" for p in ("grpcio", "onnxruntime", "numpy", "protobuf"))
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "mode": f"{plan.label} ({plan.seconds:g} s per point, leak check {plan.leak_requests:,} x "
+                f"{plan.leak_rounds} requests)",
+        "machine": f"{cores()} cores ({cpu}), {platform.system()} {platform.release()}; load average at start "
+                   f"{os.getloadavg()[0]:.2f}",
+        "software": f"Python {platform.python_version()}, {versions}",
+        "load generator": gen_note,
+        "digits_cnn": repo.digits_source,
+        "digits_cnn batching on": repo.digits_batching + "; off = the same model without the block "
+                                  f"(`{DIGITS_NOBATCH}`)",
+        "bench_resnet": "ResNet-style CNN (onnx.helper, untrained), FP32 [B,3,64,64], max_batch_size 128, "
+                        "dynamic_batching {}",
+        "server": "`deepserve serve` with its defaults (instance count 1, intra-op threads = cores)",
+    }
+
+
+def bench_main(argv: list[str]) -> int:
+    args, plan = parse(argv)
+    out: Path = args.out
+    logs = out / "logs"
+    if logs.exists():
+        shutil.rmtree(logs)
+    logs.mkdir(parents=True)
+    for stale in out.glob("profile_*"):
+        stale.unlink()
+    try:
+        gen, gen_note = pick_generator(args.generator, logs)
+    except BenchError as exc:
+        print(f"deepserve bench: {exc}", file=sys.stderr)
+        return 2
+    source = args.repository if args.repository.is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="deepserve-bench-") as tmp:
+        repo = prepare_repository(Path(tmp) / "models", source, plan.resnet_widths)
+        run = Run(plan, gen, out, repo, _meta(plan, gen_note, repo))
+        run.say(f"work repository {repo.root}; digits_cnn: {repo.digits_source}; generator: {gen_note}")
+        with deepserve(repo.root, logs).start() as server:
+            version, cfg_bytes = model_info(server.url, DIGITS)
+            cfg = model_config_pb2.ModelConfig.FromString(cfg_bytes)
+            cfg_path = Path(tmp) / "digits_cnn_served.pbtxt"
+            cfg_path.write_text(text_format.MessageToString(cfg))
+            ceilings = {b: ceiling(cfg_path, b, version, logs) for b in plan.batches}
+            try:
+                for c in ceilings.values():
+                    c.spawn()
+                for c in ceilings.values():
+                    c.wait_ready()
+                run.sweep(server, ceilings, version)
+            finally:
+                for c in ceilings.values():
+                    c.stop()
+            run.batching(server, version)
+            run.compute_and_resnet(server)
+            if plan.profile != "off":
+                run.profiles(server, version)
+        run.leak()
+    run.results.meta["duration"] = f"{time.monotonic() - run.t0:.0f} s; load average at end {os.getloadavg()[0]:.2f}"
+    files = report.write(run.results, out, plan.leak_requests, plan.leak_high)
+    for v in report.verdicts(run.results, plan.leak_requests, plan.leak_high):
+        run.say(f"{v.mark:>12}  {v.target}: {v.measured} (goal {v.goal})")
+    run.say("wrote " + ", ".join(str(f) for f in files))
+    return 1 if run.results.errors else 0

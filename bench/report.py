@@ -1,0 +1,199 @@
+"""Turns one run's measurements into `results.md` (tables, ratios, the issue's five targets marked), `results.json`
+(every number, for diffing runs) and `throughput.png` (throughput and p99 vs concurrency, server vs ceiling).
+
+Ratios are the headline because both sides of each ratio were measured minutes apart on the same machine with the
+same load generator; absolute numbers appear only as the ingredients of those ratios.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.compute import ComputeCeiling
+from bench.loadgen import Measurement
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class Results:
+    meta: dict[str, str]
+    digits_model: str
+    resnet_model: str
+    sweep: list[tuple[Measurement, Measurement]] = field(default_factory=list)  # (server, transport ceiling)
+    resnet: list[Measurement] = field(default_factory=list)
+    compute: list[ComputeCeiling] = field(default_factory=list)
+    batching: tuple[Measurement, Measurement] | None = None  # (on, off)
+    leak: list[tuple[int, int]] = field(default_factory=list)  # (requests served since start, RSS bytes)
+    profile: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Verdict:
+    target: str
+    goal: str
+    measured: str
+    passed: bool | None  # None: not measured in this run
+
+    @property
+    def mark(self) -> str:
+        return {True: "PASS", False: "**FAIL**", None: "not measured"}[self.passed]
+
+
+def _point(r: Results, batch: int, concurrency: int) -> tuple[Measurement, Measurement] | None:
+    return next(((s, c) for s, c in r.sweep if s.batch == batch and s.concurrency == concurrency), None)
+
+
+def _ceiling(r: Results, model: str, batch: int) -> ComputeCeiling | None:
+    return next((c for c in r.compute if c.model == model and c.batch == batch), None)
+
+
+def verdicts(r: Results, leak_low: int, leak_high: int) -> list[Verdict]:
+    """The issue's five targets, each from the measurements it names."""
+    out = []
+    p = _point(r, 1, 32)
+    ratio = p[0].requests_per_s / p[1].requests_per_s if p else 0.0
+    out.append(Verdict(f"{r.digits_model} batch-1, 32 in flight: requests/s vs the transport ceiling", ">= 0.70x",
+                       f"{ratio:.2f}x" if p else "-", ratio >= 0.7 if p else None))
+    p = _point(r, 1, 1)
+    extra = p[0].p50_ms - p[1].p50_ms if p else 0.0
+    out.append(Verdict(f"{r.digits_model} batch-1, concurrency 1: p50 vs the transport ceiling's p50",
+                       "<= +0.30 ms", f"{extra:+.2f} ms ({p[0].p50_ms / p[1].p50_ms:.2f}x)" if p else "-",
+                       extra <= 0.3 if p else None))
+    ceiling = _ceiling(r, r.resnet_model, 32)
+    best = max((m for m in r.resnet if m.batch == 32), key=lambda m: m.infer_per_s, default=None)
+    ok = best is not None and ceiling is not None
+    ratio = best.infer_per_s / ceiling.samples_per_s if best and ceiling else 0.0
+    out.append(Verdict(f"{r.resnet_model} batch-32: samples/s vs raw onnxruntime (best concurrency)", ">= 0.85x",
+                       f"{ratio:.2f}x (at concurrency {best.concurrency})" if best and ceiling else "-",
+                       ratio >= 0.85 if ok else None))
+    b = r.batching
+    ratio = b[0].requests_per_s / b[1].requests_per_s if b else 0.0
+    out.append(Verdict(f"{r.digits_model} batch-1, 32 in flight: dynamic batching on vs off", ">= 2.00x",
+                       f"{ratio:.2f}x" if b else "-", ratio >= 2.0 if b else None))
+    low = next((rss for n, rss in r.leak if n >= leak_low), None)
+    high = next((rss for n, rss in r.leak if n >= leak_high), None)
+    growth = high / low - 1 if low and high else 0.0
+    out.append(Verdict(f"no leak: server RSS after {leak_high:,} requests vs after {leak_low:,}", "within 10%",
+                       f"{growth:+.1%} ({low / MIB:.0f} -> {high / MIB:.0f} MiB)" if low and high else "-",
+                       abs(growth) <= 0.10 if low and high else None))
+    return out
+
+
+def _lat(m: Measurement) -> str:
+    return f"{m.p50_ms:.2f} / {m.p90_ms:.2f} / {m.p99_ms:.2f}"
+
+
+def markdown(r: Results, leak_low: int, leak_high: int) -> str:
+    lines = ["# deepserve benchmark", ""]
+    lines += [f"- {k}: {v}" for k, v in r.meta.items()]
+    lines += ["", "## Targets (issue 4)", "", "| target | goal | measured | result |", "| --- | --- | --- | --- |"]
+    lines += [f"| {v.target} | {v.goal} | {v.measured} | {v.mark} |" for v in verdicts(r, leak_low, leak_high)]
+    if r.sweep:
+        lines += ["", f"## {r.digits_model}: server vs transport ceiling (bare grpc.aio, fixed reply)", "",
+                  "Latencies are per request, in ms (p50 / p90 / p99). Ratios: server over ceiling.", "",
+                  "| batch | concurrency | server req/s | ceiling req/s | throughput ratio | server latency | "
+                  "ceiling latency | p50 extra ms | p99 ratio |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for s, c in r.sweep:
+            lines.append(f"| {s.batch} | {s.concurrency} | {s.requests_per_s:,.0f} | {c.requests_per_s:,.0f} | "
+                         f"**{s.requests_per_s / c.requests_per_s:.2f}x** | {_lat(s)} | {_lat(c)} | "
+                         f"{s.p50_ms - c.p50_ms:+.2f} | {s.p99_ms / c.p99_ms:.2f}x |")
+    if r.resnet or r.compute:
+        lines += ["", f"## {r.resnet_model}: server vs compute ceiling (raw onnxruntime in-process)", "",
+                  "| batch | concurrency | server samples/s | compute ceiling samples/s | ratio | server latency |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for m in r.resnet:
+            cc = _ceiling(r, m.model, m.batch)
+            ratio = f"**{m.infer_per_s / cc.samples_per_s:.2f}x**" if cc else "-"
+            cs = f"{cc.samples_per_s:,.0f}" if cc else "-"
+            lines.append(f"| {m.batch} | {m.concurrency} | {m.infer_per_s:,.0f} | {cs} | {ratio} | {_lat(m)} |")
+        lines += ["", "Compute ceilings (one session, back-to-back runs, the server's default thread settings):", "",
+                  "| model | batch | samples/s | ms per run (p50) | intra-op threads | runs |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {c.model} | {c.batch} | {c.samples_per_s:,.0f} | {c.p50_ms:.2f} | {c.intra_threads} | {c.runs} |"
+                  for c in r.compute]
+    if r.batching:
+        on, off = r.batching
+        lines += ["", f"## Dynamic batching on vs off ({r.digits_model}, batch-1, {on.concurrency} in flight)", "",
+                  "| config | req/s | latency p50 / p90 / p99 ms |", "| --- | ---: | ---: |",
+                  f"| on ({on.model}) | {on.requests_per_s:,.0f} | {_lat(on)} |",
+                  f"| off ({off.model}) | {off.requests_per_s:,.0f} | {_lat(off)} |",
+                  "", f"On / off: **{on.requests_per_s / off.requests_per_s:.2f}x** requests/s, "
+                  f"{on.p99_ms / off.p99_ms:.2f}x p99."]
+    if r.leak:
+        base = next((rss for n, rss in r.leak if n >= leak_low), r.leak[0][1])
+        lines += ["", "## Server memory under load (leak check, fresh server)", "",
+                  "| requests served | RSS MiB | vs first |", "| ---: | ---: | ---: |"]
+        lines += [f"| {n:,} | {rss / MIB:.1f} | {rss / base - 1:+.1%} |" for n, rss in r.leak]
+    if r.profile:
+        lines += ["", "## Profile of the server's request path (py-spy)", "", *r.profile]
+    if r.errors:
+        lines += ["", "## Measurements that failed", "", *[f"- {e}" for e in r.errors]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: Results, path: Path) -> None:
+    """Throughput (top) and p99 (bottom) vs concurrency: one column per digits batch size, one for the resnet."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({s.batch for s, _ in r.sweep})
+    cols = len(batches) + (1 if r.resnet else 0) or 1
+    fig, axes = plt.subplots(2, cols, figsize=(4.6 * cols, 7.5), squeeze=False)
+    for col, batch in enumerate(batches):
+        pts = [(s, c) for s, c in r.sweep if s.batch == batch]
+        conc = [s.concurrency for s, _ in pts]
+        top, bottom = axes[0][col], axes[1][col]
+        top.plot(conc, [s.requests_per_s for s, _ in pts], "o-", label="deepserve")
+        top.plot(conc, [c.requests_per_s for _, c in pts], "s--", label="transport ceiling")
+        bottom.plot(conc, [s.p99_ms for s, _ in pts], "o-", label="deepserve")
+        bottom.plot(conc, [c.p99_ms for _, c in pts], "s--", label="transport ceiling")
+        top.set_title(f"{r.digits_model}, batch {batch}")
+        top.set_ylabel("requests/s")
+        bottom.set_ylabel("p99 latency (ms)")
+    if r.resnet:
+        top, bottom = axes[0][-1], axes[1][-1]
+        for batch in sorted({m.batch for m in r.resnet}):
+            pts = [m for m in r.resnet if m.batch == batch]
+            conc = [m.concurrency for m in pts]
+            line = top.plot(conc, [m.infer_per_s for m in pts], "o-", label=f"deepserve, batch {batch}")[0]
+            cc = _ceiling(r, r.resnet_model, batch)
+            if cc:
+                top.axhline(cc.samples_per_s, ls="--", color=line.get_color(), label=f"raw onnxruntime, batch {batch}")
+            bottom.plot(conc, [m.p99_ms for m in pts], "o-", color=line.get_color(), label=f"deepserve, batch {batch}")
+        top.set_title(f"{r.resnet_model} vs compute ceiling")
+        top.set_ylabel("samples/s")
+        bottom.set_ylabel("p99 latency (ms)")
+    ticks = sorted({s.concurrency for s, _ in r.sweep} | {m.concurrency for m in r.resnet})
+    for ax in axes.flat:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlabel("concurrency (requests in flight)")
+        ax.grid(True, alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
+    generator = r.meta.get("load generator", "").split(" (")[0]
+    fig.suptitle(f"deepserve vs its ceilings, same machine, same run ({generator})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(r: Results, out: Path, leak_low: int, leak_high: int) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    md, js, png = out / "results.md", out / "results.json", out / "throughput.png"
+    md.write_text(markdown(r, leak_low, leak_high))
+    data = {"meta": r.meta, "sweep": [{"server": s.to_dict(), "ceiling": c.to_dict()} for s, c in r.sweep],
+            "resnet": [m.to_dict() for m in r.resnet], "compute": [c.to_dict() for c in r.compute],
+            "batching": {"on": r.batching[0].to_dict(), "off": r.batching[1].to_dict()} if r.batching else None,
+            "leak": [{"requests": n, "rss_bytes": rss} for n, rss in r.leak],
+            "targets": [v.__dict__ for v in verdicts(r, leak_low, leak_high)], "errors": r.errors}
+    js.write_text(json.dumps(data, indent=1))
+    plot(r, png)
+    return [md, js, png]
