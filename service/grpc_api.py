@@ -20,6 +20,7 @@ from service.dataplane import DataPlane
 from service.errors import InvalidArgument, ModelLoadError, NotFound, ServingError, Unavailable
 from service.metrics import Metrics
 from service.registry import READY, Registry
+from service.workers import SharedStats, merge
 
 log = logging.getLogger("deepserve.grpc")
 EXTENSIONS = ["classification", "sequence", "model_repository", "schedule_policy", "model_configuration",
@@ -87,10 +88,12 @@ def rpc(fn: Callable) -> Callable:
 
 
 class Servicer:
-    def __init__(self, registry: Registry, metrics: Metrics, state, dataplane: DataPlane) -> None:
+    def __init__(self, registry: Registry, metrics: Metrics, state, dataplane: DataPlane,
+                 shared: SharedStats | None = None) -> None:
         self.registry = registry
         self.metrics = metrics
         self.dataplane = dataplane
+        self.shared = shared  # --workers: the other workers' statistics
         self.state = state  # service.server.ServerState: live / ready / draining
 
     @rpc
@@ -189,6 +192,12 @@ class Servicer:
             versions = list(self.registry.versions())
         for mv in versions:
             mv.recorder.fill(reply.model_stats.add())
+        if self.shared:
+            mine = {(m.name, m.version): m for m in reply.model_stats}
+            for other in self.shared.others():
+                for m in other.model_stats:
+                    if (m.name, m.version) in mine:
+                        merge(mine[(m.name, m.version)], m)
         return reply
 
     @rpc

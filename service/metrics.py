@@ -29,14 +29,17 @@ class Metrics:
                                           MV, buckets=LATENCY_BUCKETS, registry=registry)
         self.batch_size = Histogram("deepserve_batch_size", "Samples per model execution", MV,
                                     buckets=BATCH_BUCKETS, registry=registry)
+        # Gauge modes only matter with --workers (prometheus-client multiprocess mode): how workers combine.
         self.pending = Gauge("deepserve_pending_requests", "Requests accepted and not yet answered", MV,
-                             registry=registry)
+                             registry=registry, multiprocess_mode="livesum")
         self.load_duration = Gauge("deepserve_model_load_duration_seconds",
-                                   "How long the last load of this version took", MV, registry=registry)
+                                   "How long the last load of this version took", MV, registry=registry,
+                                   multiprocess_mode="max")
         self.load_failures = Counter("deepserve_model_load_failures", "Failed model loads", ["model"],
                                      registry=registry)
         self.model_info = Gauge("deepserve_model_info", "Loaded model versions and their execution provider",
-                                [*MV, "platform", "execution_provider"], registry=registry)
+                                [*MV, "platform", "execution_provider"], registry=registry,
+                                multiprocess_mode="livemax")
         self.grpc_requests = Counter("deepserve_grpc_requests", "gRPC calls by method and status code",
                                      ["method", "code"], registry=registry)
         self.grpc_duration = Histogram("deepserve_grpc_request_duration_seconds", "gRPC call duration by method",

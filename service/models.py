@@ -51,7 +51,7 @@ class ModelVersion:
 
 
 def load_version(model_dir: Path, version: int, config: model_config_pb2.ModelConfig, explicit: bool,
-                 metrics: Metrics) -> ModelVersion:
+                 metrics: Metrics, cores: int = 0) -> ModelVersion:
     """Build sessions, complete and check the config against the graph, warm up. Raises ModelLoadError."""
     config = _copy(config)
     name = config.name
@@ -59,7 +59,7 @@ def load_version(model_dir: Path, version: int, config: model_config_pb2.ModelCo
     path = model_dir / str(version) / Path(filename).name
     if not path.is_file():
         raise ModelLoadError(f"version {version}: {path.name} is missing")
-    place = placement(config)
+    place = placement(config, cores)
     so = session_options(config, place)
     t0 = time.perf_counter()
     instances = [Instance(str(path), so, place) for _ in range(place.count)]

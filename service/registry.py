@@ -34,9 +34,10 @@ class Model:
 
 
 class Registry:
-    def __init__(self, root: Path, metrics: Metrics) -> None:
+    def __init__(self, root: Path, metrics: Metrics, cores: int = 0) -> None:
         self.root = root
         self.metrics = metrics
+        self.cores = cores  # this process's share of the machine, for onnxruntime's thread counts
         self.models: dict[str, Model] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -112,7 +113,8 @@ class Registry:
         for v in wanted:
             model.state[v] = (LOADING, "")
             try:
-                mv = await loop.run_in_executor(None, load_version, model_dir, v, config, explicit, self.metrics)
+                mv = await loop.run_in_executor(None, load_version, model_dir, v, config, explicit, self.metrics,
+                                                self.cores)
             except ModelLoadError as exc:
                 self._failed(model, v, str(exc))
                 continue
@@ -169,7 +171,9 @@ class Registry:
                 await mv.batcher.stop()
             if mv.sequences:
                 mv.sequences.stop()
-            self.metrics.model_info.remove(mv.name, mv.version_str, mv.config.platform, mv.providers[0])
+            info = (mv.name, mv.version_str, mv.config.platform, mv.providers[0])
+            self.metrics.model_info.labels(*info).set(0)  # multiprocess mode keeps removed series: zero it first
+            self.metrics.model_info.remove(*info)
             log.info("model %s version %d unloaded", mv.name, mv.version)
 
     def changed(self, name: str) -> bool:

@@ -45,7 +45,8 @@ class Placement:
     notes: list[str] = field(default_factory=list)
 
 
-def placement(config: model_config_pb2.ModelConfig) -> Placement:
+def placement(config: model_config_pb2.ModelConfig, cores: int = 0) -> Placement:
+    """`cores`: this process's share of the CPUs (all of them unless --workers splits them)."""
     groups = list(config.instance_group) or [model_config_pb2.ModelInstanceGroup(kind=Kind.KIND_AUTO, count=1)]
     if len({g.kind for g in groups}) > 1:
         raise ModelLoadError("instance_group: mixing kinds in one model is not supported; use one kind")
@@ -65,7 +66,7 @@ def placement(config: model_config_pb2.ModelConfig) -> Placement:
     if unknown:
         raise ModelLoadError(f"gpu_execution_accelerator {unknown} is not supported; only 'tensorrt'")
     use_gpu = kind == Kind.KIND_GPU or (kind == Kind.KIND_AUTO and CUDA in available)
-    cores = os.cpu_count() or 1
+    cores = cores or os.cpu_count() or 1
     intra_default = max(1, cores // count)  # instances run concurrently: split the cores, never oversubscribe
     intra = int(param(config, "intra_op_thread_count", "0")) or intra_default
     inter = int(param(config, "inter_op_thread_count", "0")) or 1

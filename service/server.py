@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import signal
 import sys
 import time
@@ -21,6 +22,7 @@ from service.dataplane import DataPlane
 from service.grpc_api import Servicer, add_to_server
 from service.metrics import Metrics
 from service.registry import Registry
+from service.workers import STATS_DIR, SharedStats, supervise
 
 log = logging.getLogger("deepserve.server")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -96,7 +98,8 @@ async def serve(args) -> int:
     metrics = Metrics()
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.host)
-    registry = Registry(Path(args.repository), metrics)
+    workers = int(os.environ.get("DEEPSERVE_WORKERS_TOTAL", "1"))
+    registry = Registry(Path(args.repository), metrics, cores=max(1, (os.cpu_count() or 1) // workers))
     interceptors = []
     if args.auth_token_file:
         tokens = [t.strip().encode() for t in Path(args.auth_token_file).read_text().splitlines() if t.strip()]
@@ -106,12 +109,13 @@ async def serve(args) -> int:
         interceptors.append(TokenAuth(tokens, args.open_health))
     options = [("grpc.max_receive_message_length", args.max_message_bytes),
                ("grpc.max_send_message_length", args.max_message_bytes),
-               ("grpc.so_reuseport", 0)]
+               ("grpc.so_reuseport", 1 if args.reuse_port else 0)]
     server = grpc.aio.server(options=options, interceptors=interceptors)
     health_servicer = health.aio.HealthServicer()
     state = ServerState(registry, health_servicer, args)
     dataplane = DataPlane(registry, args.max_inflight, args.access_log, args.max_elements)
-    servicer = Servicer(registry, metrics, state, dataplane)
+    shared = SharedStats(registry) if os.environ.get(STATS_DIR) else None
+    servicer = Servicer(registry, metrics, state, dataplane, shared)
     add_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -137,8 +141,11 @@ async def serve(args) -> int:
                                      for m in registry.models.values()) or "no models")
     poller = loop.create_task(_poll(registry, state, args.repository_poll_secs)) \
         if args.model_control_mode == "poll" else None
+    publisher = loop.create_task(shared.publish()) if shared else None
 
     await stop.wait()
+    if publisher:
+        publisher.cancel()
     return await _drain(server, servicer, state, args, poller)
 
 
@@ -195,6 +202,9 @@ async def _drain(server: grpc.aio.Server, servicer: Servicer, state: ServerState
 def serve_main(argv: list[str]) -> int:
     args = settings.parse(argv)
     logs.setup(args.log_format, args.log_level)
+    if args.workers > 1:
+        os.environ["DEEPSERVE_WORKERS_TOTAL"] = str(args.workers)  # each worker takes its share of the cores
+        return supervise(argv, args)
     try:
         return asyncio.run(serve(args))
     except KeyboardInterrupt:

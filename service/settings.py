@@ -46,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
     add("--repository-poll-secs", 15.0, "rescan interval in poll mode")
     add("--load-model", [], "model to load at start in explicit mode (repeatable; '*' for all)")
     add("--strict-readiness", True, "ServerReady (and health) only when every model that should load is ready")
+    add("--workers", 1, "server processes sharing the gRPC port (SO_REUSEPORT): one event loop per core; "
+        "metrics and statistics cover all of them")
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set by the supervisor
     add("--max-inflight", 2048, "server-wide limit of inference requests in flight; beyond it UNAVAILABLE at once")
     add("--max-message-bytes", 64 * 1024 * 1024, "largest gRPC message accepted or sent")
     add("--max-elements", 1 << 26, "largest number of elements in one input tensor, checked before allocation")
