@@ -3,10 +3,12 @@ protobuf clash), Triton's perf_analyzer, grpc health and server reflection."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -143,3 +145,33 @@ def test_infer_cli_prints_outputs(server, tmp_path):
                           f"x={x}"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr
 
+
+
+def _grpcurl(server, *args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "grpcurl"
+    return subprocess.run([str(exe), "-plaintext", server.url, *args], capture_output=True, text=True, timeout=60)
+
+
+def _grpcurl_call(server, method: str, body: dict) -> dict:
+    exe = Path(sys.executable).parent / "grpcurl"
+    r = subprocess.run([str(exe), "-plaintext", "-d", json.dumps(body), server.url, method], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_grpcurl_through_reflection(server):
+    """The README's grpcurl commands: list, metadata, an inference with typed JSON contents, a health check."""
+    listed = _grpcurl(server, "list")
+    assert listed.returncode == 0 and "inference.GRPCInferenceService" in listed.stdout.split()
+    md = _grpcurl_call(server, "inference.GRPCInferenceService/ModelMetadata", {"name": "add_sub"})
+    assert md["platform"] == "onnxruntime_onnx"
+    reply = _grpcurl_call(server, "inference.GRPCInferenceService/ModelInfer", {
+        "model_name": "add_sub",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "contents": {"fp32_contents": [1, 2, 3, 4]}},
+                   {"name": "y", "datatype": "FP32", "shape": [1, 4], "contents": {"fp32_contents": [1, 1, 1, 1]}}],
+        "outputs": [{"name": "sum", "parameters": {"classification": {"int64_param": 1}}}]})
+    raw = base64.b64decode(reply["raw_output_contents"][0])
+    assert raw[4:] == b"5.000000:3:d"  # one BYTES element: 4-byte length, then "score:index:label"
+    health = _grpcurl_call(server, "grpc.health.v1.Health/Check", {"service": "add_sub"})
+    assert health["status"] == "SERVING"
