@@ -46,6 +46,14 @@ def _no_leaked_servers():
 
 
 @pytest.fixture(scope="session")
+def serve_options() -> dict[str, dict]:
+    """`deepserve serve --help`, parsed: the flags the deploy artefacts must agree with."""
+    from deploy_support import cli_help
+
+    return cli_help("serve")
+
+
+@pytest.fixture(scope="session")
 def repository(tmp_path_factory) -> Path:
     return build_repository(tmp_path_factory.mktemp("shared") / "models")
 
