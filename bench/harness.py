@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata as pkg
@@ -29,7 +30,7 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from bench import compute, profile, report
-from bench.loadgen import BenchError, Generator, Measurement, PythonLoad, cores, measure, pick_generator
+from bench.loadgen import BenchError, Generator, Measurement, PythonLoad, cores, measure, merge, pick_generator
 from bench.models import DIGITS, DIGITS_NOBATCH, RESNET, BenchRepository, prepare_repository, read_config
 from bench.procs import Target, ceiling, deepserve, model_info
 from service._proto import model_config_pb2
@@ -51,6 +52,7 @@ class Plan:
     resnet_widths: tuple[int, ...]
     profile: str
     label: str
+    repeats: int
 
     @property
     def leak_high(self) -> int:
@@ -75,7 +77,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, Plan]:
     p.add_argument("--batches", type=_ints, help="request batch sizes (default 1,32)")
     p.add_argument("--resnet-concurrency", type=_ints, help="bench_resnet concurrency levels (default 1,4,16)")
     p.add_argument("--seconds", type=float, help="length of each measured point (default 3, quick 1)")
-    p.add_argument("--compute-seconds", type=float, help="length of each compute-ceiling run (default 3)")
+    p.add_argument("--compute-seconds", type=float, help="length of each compute-ceiling run (default 2, quick 1)")
+    p.add_argument("--repeats", type=int, help="runs of each server/ceiling pair, in ABBA order (default 2, quick 1)")
     p.add_argument("--leak-requests", type=int, help="requests per leak-check round (default 20000, quick 2000)")
     p.add_argument("--leak-rounds", type=int, default=10, help="rounds; RSS is read after each (default 10)")
     p.add_argument("--resnet-widths", type=_ints, default=[32, 64, 128], help=argparse.SUPPRESS)
@@ -83,14 +86,14 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, Plan]:
                    help="py-spy profile of the request path: auto = when a server-vs-ceiling target is missed")
     a = p.parse_args(argv)
     quick = a.quick
-    knobs = ("concurrency", "batches", "resnet_concurrency", "seconds", "compute_seconds", "leak_requests")
+    knobs = ("concurrency", "batches", "resnet_concurrency", "seconds", "compute_seconds", "leak_requests", "repeats")
     custom = [k for k in knobs if getattr(a, k) is not None] + (["leak_rounds"] if a.leak_rounds != 10 else [])
     label = ("quick" if quick else "full") + (f", overridden: {', '.join(custom)}" if custom else "")
     plan = Plan(a.concurrency or [1, 4, 16, 32, 64], a.batches or [1, 32],
                 a.resnet_concurrency or ([1, 4] if quick else [1, 4, 16]),
-                a.seconds or (1.0 if quick else 3.0), a.compute_seconds or (1.0 if quick else 3.0),
+                a.seconds or (1.0 if quick else 3.0), a.compute_seconds or (1.0 if quick else 2.0),
                 a.leak_requests or (2000 if quick else 20000), a.leak_rounds, tuple(a.resnet_widths), a.profile,
-                label)
+                label, a.repeats or (1 if quick else 2))
     return a, plan
 
 
@@ -125,14 +128,28 @@ class Run:
         except BenchError as exc:
             self.say(f"warm-up of {target.name} {model} failed: {str(exc)[:200]}")
 
+    def abba(self, *sides: Callable[[], Measurement | None]) -> list[Measurement] | None:
+        """Each side `repeats` times in ABBA order (A B, B A, A B, ...), each side's runs averaged: a drift in the
+        machine's load during the point hits both sides of the ratio alike, and the noise shrinks."""
+        runs: list[list[Measurement]] = [[] for _ in sides]
+        for r in range(self.plan.repeats):
+            for i in (range(len(sides)) if r % 2 == 0 else reversed(range(len(sides)))):
+                m = sides[i]()
+                if m is None:
+                    return None
+                runs[i].append(m)
+        return [merge(ms) for ms in runs]
+
     def sweep(self, server: Target, ceilings: dict[int, Target], version: str) -> None:
         for batch in self.plan.batches:
             self.warm(server, DIGITS, version, batch, 200)
             self.warm(ceilings[batch], DIGITS, version, batch, 200)
             for conc in self.plan.concurrency:
-                s = self.point(server, DIGITS, version, batch, conc, "server")
-                c = self.point(ceilings[batch], DIGITS, version, batch, conc, "transport ceiling")
-                if s and c:
+                pair = self.abba(lambda b=batch, c=conc: self.point(server, DIGITS, version, b, c, "server"),
+                                 lambda b=batch, c=conc: self.point(ceilings[b], DIGITS, version, b, c,
+                                                                    "transport ceiling"))
+                if pair:
+                    s, c = pair
                     self.results.sweep.append((s, c))
                     self.say(f"{DIGITS} b{batch} c{conc}: server {s.requests_per_s:,.0f} req/s, ceiling "
                              f"{c.requests_per_s:,.0f} req/s ({s.requests_per_s / c.requests_per_s:.2f}x); p50 "
@@ -141,34 +158,46 @@ class Run:
     def batching(self, server: Target, version: str) -> None:
         conc = 32
         self.warm(server, DIGITS_NOBATCH, version, 1, 200)
-        on = self.point(server, DIGITS, version, 1, conc, "server")
-        off = self.point(server, DIGITS_NOBATCH, version, 1, conc, "server")
-        if on and off:
+        pair = self.abba(lambda: self.point(server, DIGITS, version, 1, conc, "server"),
+                         lambda: self.point(server, DIGITS_NOBATCH, version, 1, conc, "server"))
+        if pair:
+            on, off = pair
             self.results.batching = (on, off)
             self.say(f"batching on {on.requests_per_s:,.0f} req/s, off {off.requests_per_s:,.0f} req/s "
                      f"({on.requests_per_s / off.requests_per_s:.2f}x)")
 
     def compute_and_resnet(self, server: Target) -> None:
+        """Compute ceilings for both models; for the resnet, one before and one after each server point, and the
+        point's ratio against the mean of the two (the ceiling right beside it in time)."""
         models = self.repo.root
         for name in (DIGITS, RESNET):
             cfg = read_config(models / name / "config.pbtxt")
             model_file = next((models / name).glob("*/model.onnx"))
             sess = compute.session(model_file, cfg)
             version = model_file.parent.name
-            for batch in self.plan.batches:
+
+            def ceiling(batch: int, name: str = name, cfg: model_config_pb2.ModelConfig = cfg,
+                        model_file: Path = model_file, sess: tuple = sess) -> compute.ComputeCeiling:
                 cc = compute.measure(model_file, cfg, batch, self.plan.compute_seconds, sess)
                 self.results.compute.append(cc)
-                self.say(f"compute ceiling {name} b{batch}: {cc.samples_per_s:,.0f} samples/s")
+                return cc
+
+            for batch in self.plan.batches:
+                before = ceiling(batch)
+                self.say(f"compute ceiling {name} b{batch}: {before.samples_per_s:,.0f} samples/s")
                 if name != RESNET:
                     continue
                 self.warm(server, RESNET, version, batch, 8)
                 for conc in self.plan.resnet_concurrency:
-                    guess_ms = conc * batch / cc.samples_per_s * 1e3  # queueing behind the others in flight
+                    guess_ms = conc * batch / before.samples_per_s * 1e3  # queueing behind the others in flight
                     m = self.point(server, RESNET, version, batch, conc, "server", guess_ms)
+                    after = ceiling(batch)
+                    beside = (before.samples_per_s + after.samples_per_s) / 2
+                    before = after
                     if m:
-                        self.results.resnet.append(m)
-                        self.say(f"{RESNET} b{batch} c{conc}: server {m.infer_per_s:,.0f} samples/s "
-                                 f"({m.infer_per_s / cc.samples_per_s:.2f}x raw onnxruntime)")
+                        self.results.resnet.append((m, beside))
+                        self.say(f"{RESNET} b{batch} c{conc}: server {m.infer_per_s:,.0f} samples/s, raw "
+                                 f"onnxruntime {beside:,.0f} ({m.infer_per_s / beside:.2f}x)")
 
     def leak(self) -> None:
         """A fresh server, then rounds of batch-1 requests at 32 in flight, RSS read after each round."""
@@ -195,9 +224,9 @@ class Run:
         loads = [k for k, missed in wanted.items() if self.plan.profile == "on" or missed]
         for model, batch, conc in loads:
             seconds = max(2.0, self.plan.seconds * 2)
-            rate = next((m.requests_per_s for m, _ in self.results.sweep if (m.model, m.batch, m.concurrency)
-                         == (model, batch, conc)), None) or next((m.requests_per_s for m in self.results.resnet
-                                                                  if (m.batch, m.concurrency) == (batch, conc)), 50.0)
+            measured = [m for m, _ in self.results.sweep] + [m for m, _ in self.results.resnet]
+            rate = next((m.requests_per_s for m in measured if (m.model, m.batch, m.concurrency) == (model, batch,
+                                                                                                    conc)), 50.0)
             count = max(4 * conc, int(rate * seconds * 1.3))
             self.say(f"profiling the server under {model} b{batch} c{conc} with py-spy")
 
@@ -218,8 +247,8 @@ def _meta(plan: Plan, gen_note: str, repo: BenchRepository) -> dict[str, str]:
     versions = ", ".join(f"{p} {pkg.version(p)}" for p in ("grpcio", "onnxruntime", "numpy", "protobuf"))
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "mode": f"{plan.label} ({plan.seconds:g} s per point, leak check {plan.leak_requests:,} x "
-                f"{plan.leak_rounds} requests)",
+        "mode": f"{plan.label} ({plan.seconds:g} s per run, {plan.repeats} run(s) per point in ABBA order, leak "
+                f"check {plan.leak_requests:,} x {plan.leak_rounds} requests)",
         "machine": f"{cores()} cores ({cpu}), {platform.system()} {platform.release()}; load average at start "
                    f"{os.getloadavg()[0]:.2f}",
         "software": f"Python {platform.python_version()}, {versions}",

@@ -57,6 +57,7 @@ class Measurement:
     p90_ms: float
     p99_ms: float
     generator: str
+    runs: int = 1  # measurements averaged into this one
 
     @property
     def requests_per_s(self) -> float:
@@ -202,6 +203,18 @@ class PythonLoad:
 
 
 Generator = PerfAnalyzer | PythonLoad
+
+
+def merge(ms: list[Measurement]) -> Measurement:
+    """Several runs of one point as one: mean throughput and mean percentiles (the runs are the same length, so
+    this is each percentile's typical value, not a pooled percentile)."""
+    first = ms[0]
+    if len(ms) == 1:
+        return first
+    mean = lambda f: float(np.mean([getattr(m, f) for m in ms]))  # noqa: E731
+    return Measurement(first.target, first.model, first.batch, first.concurrency, sum(m.requests for m in ms),
+                       mean("infer_per_s"), mean("p50_ms"), mean("p90_ms"), mean("p99_ms"), first.generator,
+                       sum(m.runs for m in ms))
 
 
 def measure(gen: Generator, url: str, model: str, version: str, batch: int, concurrency: int, seconds: float,

@@ -37,8 +37,8 @@ def _frame(raw: str) -> str:
     return f"{m['func']} ({path})"
 
 
-def summarize(collapsed: str, top: int = 12) -> list[str]:
-    """Markdown: samples per thread, then the top frames by self and by inclusive samples."""
+def _parse(collapsed: str) -> tuple[Counter[str], Counter[str], Counter[str], int]:
+    """Collapsed stacks -> samples per thread, self samples per frame, inclusive samples per frame, total."""
     threads: Counter[str] = Counter()
     self_: Counter[str] = Counter()
     incl: Counter[str] = Counter()
@@ -47,38 +47,60 @@ def summarize(collapsed: str, top: int = 12) -> list[str]:
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        n = int(count)
         frames = stack.split(";")
-        thread, frames = (frames[0], frames[1:]) if frames[0].startswith("thread") or "(0x" in frames[0] \
-            else ("all threads", frames)
-        names = [_frame(f) for f in frames]
-        if not names:
+        thread = "all threads"
+        if frames[0].startswith("thread ("):
+            thread, frames = re.sub(r"^thread \(\d+\): ", "", frames[0]), frames[1:]
+        if not frames:
             continue
+        n = int(count)
         total += n
-        threads[re.sub(r"\s*\(0x[0-9a-f]+\)", "", thread)] += n
+        threads[re.sub(r"_\d+$", "", thread)] += n
+        names = [_frame(f) for f in frames]
         self_[names[-1]] += n
         for name in set(names):
             incl[name] += n
-    if not total:
-        return ["(no samples)"]
-    out = [f"{total:,} on-CPU samples.", "", "| thread | share |", "| --- | ---: |"]
-    out += [f"| {t} | {n / total:.0%} |" for t, n in threads.most_common(6)]
-    for title, counter in (("self", self_), ("inclusive", incl)):
-        out += ["", f"| top frames, {title} | share |", "| --- | ---: |"]
-        out += [f"| `{f}` | {n / total:.1%} |" for f, n in counter.most_common(top)]
-    return out
+    return threads, self_, incl, total
+
+
+def _table(title: str, rows: list[tuple[str, int]], total: int, code: bool = True) -> list[str]:
+    fmt = "| `{}` | {:.1%} |" if code else "| {} | {:.1%} |"
+    return ["", f"| {title} | share |", "| --- | ---: |", *[fmt.format(k, n / total) for k, n in rows]]
+
+
+def summarize(cpu: str, gil: str, top: int = 10) -> list[str]:
+    """Markdown for the two views: which threads use the cores, and what the GIL holder does."""
+    threads, cpu_self, _, cpu_total = _parse(cpu)
+    _, gil_self, gil_incl, gil_total = _parse(gil)
+    out: list[str] = []
+    if cpu_total:
+        out += [f"CPU view: {cpu_total:,} samples of runnable threads (on a busy 2-core machine, runnable is not "
+                "always running).", *_table("thread", threads.most_common(6), cpu_total, code=False),
+                *_table("top frames, self (CPU view)", cpu_self.most_common(top), cpu_total)]
+    if gil_total:
+        root = ("(service/cli.py)", "serve_main (")  # the process's entry frames: in every main-thread sample
+        ours = [(k, n) for k, n in gil_incl.most_common() if "(service/" in k and not k.startswith(root)
+                and not k.endswith(root)][:top]
+        out += ["", f"GIL view: {gil_total:,} samples of the thread holding the GIL, i.e. the Python work that "
+                "serialises the request path.", *_table("top frames, self (GIL view)", gil_self.most_common(top),
+                                                         gil_total),
+                *_table("deepserve functions, inclusive (GIL view)", ours, gil_total)]
+    return out or ["(no samples)"]
 
 
 def record(pid: int, seconds: float, out: Path, stem: str, load: Callable[[], None]) -> list[str]:
-    """Two passes under `load()` (a call that keeps the server busy about `seconds`): collapsed stacks for the
-    summary, then an SVG flame graph. Returns the markdown summary, or why there is none."""
+    """Three passes, each under `load()` (a call that keeps the server busy about `seconds`): collapsed stacks of
+    every runnable thread (who uses the cores), of the GIL holder only (what serialises Python), and a flame graph
+    of the GIL holder. Returns the markdown summary, or why there is none."""
     exe = pyspy()
     if exe is None:
         return ["py-spy is not installed (`.venv/bin/pip install py-spy`); no profile."]
-    lines: list[str] = []
-    for fmt, path in (("raw", out / f"{stem}.txt"), ("flamegraph", out / f"{stem}.svg")):
+    passes = [("cpu", "raw", [], out / f"{stem}.cpu.txt"), ("gil", "raw", ["--gil"], out / f"{stem}.gil.txt"),
+              ("svg", "flamegraph", ["--gil"], out / f"{stem}.gil.svg")]
+    texts: dict[str, str] = {}
+    for key, fmt, extra, path in passes:
         argv = [str(exe), "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", "200",
-                "--threads", "--format", fmt, "-o", str(path)]
+                "--threads", "--format", fmt, *extra, "-o", str(path)]
         spy = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             load()
@@ -86,6 +108,6 @@ def record(pid: int, seconds: float, out: Path, stem: str, load: Callable[[], No
             log, _ = spy.communicate(timeout=seconds + 60)
         if spy.returncode != 0 or not path.exists():
             return [f"py-spy failed ({spy.returncode}): {log.strip()[-300:]}"]
-        if fmt == "raw":
-            lines = summarize(path.read_text())
-    return [f"Flame graph: `{stem}.svg`; collapsed stacks: `{stem}.txt` (beside this file).", "", *lines]
+        texts[key] = path.read_text() if fmt == "raw" else ""
+    return [f"Files beside this report: `{stem}.gil.svg` (flame graph of the GIL holder), `{stem}.cpu.txt` and "
+            f"`{stem}.gil.txt` (collapsed stacks).", "", *summarize(texts["cpu"], texts["gil"])]

@@ -102,9 +102,9 @@ def test_python_load_generator_measures_the_ceiling(ceiling_server):
 def test_bench_smoke_run_writes_a_well_formed_report(tmp_path):
     out = tmp_path / "results"
     rc = bench_main(["--repository", str(_published(tmp_path / "models")), "--out", str(out),
-                     "--concurrency", "1,2", "--batches", "1,2", "--resnet-concurrency", "1", "--seconds", "0.5",
+                     "--concurrency", "2", "--batches", "1,2", "--resnet-concurrency", "1", "--seconds", "0.5",
                      "--compute-seconds", "0.2", "--leak-requests", "100", "--leak-rounds", "2",
-                     "--resnet-widths", "4,8", "--profile", "off"])
+                     "--resnet-widths", "4,8", "--profile", "off", "--repeats", "2"])
     assert rc == 0, (out / "results.md").read_text()
     md = (out / "results.md").read_text()
     data = json.loads((out / "results.json").read_text())
@@ -114,14 +114,15 @@ def test_bench_smoke_run_writes_a_well_formed_report(tmp_path):
     assert len(rows) == 5 and all(r.rstrip().endswith(("PASS |", "**FAIL** |", "not measured |")) for r in rows)
     assert "published" in md and "digits_cnn_nobatch" in md
 
-    assert {(p["server"]["batch"], p["server"]["concurrency"]) for p in data["sweep"]} == {(1, 1), (1, 2), (2, 1),
-                                                                                          (2, 2)}
+    assert {(p["server"]["batch"], p["server"]["concurrency"]) for p in data["sweep"]} == {(1, 2), (2, 2)}
     for p in data["sweep"]:
         for side in ("server", "ceiling"):
             assert p[side]["infer_per_s"] > 0 and 0 < p[side]["p50_ms"] <= p[side]["p99_ms"]
+            assert p[side]["runs"] == 2  # ABBA: each side measured twice
     assert {(c["model"], c["batch"]) for c in data["compute"]} == {(m, b) for m in ("digits_cnn", "bench_resnet")
                                                                    for b in (1, 2)}
-    assert [m["batch"] for m in data["resnet"]] == [1, 2]
+    assert [m["server"]["batch"] for m in data["resnet"]] == [1, 2]
+    assert all(m["ceiling_samples_per_s"] > 0 for m in data["resnet"])
     assert data["batching"]["on"]["model"] == "digits_cnn" and data["batching"]["off"]["model"] == "digits_cnn_nobatch"
     assert [p["requests"] for p in data["leak"]] == [100, 200] and all(p["rss_bytes"] > 0 for p in data["leak"])
     assert len(data["targets"]) == 5 and not data["errors"]
