@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,7 +55,14 @@ def supervise(argv: list[str], args) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    for i in range(args.workers):
+    try:
+        return _run(args.workers, procs, spawn, lambda: stopping, shared, multiprocess)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def _run(workers: int, procs: dict[int, subprocess.Popen], spawn, stopping, shared: Path, multiprocess) -> int:
+    for i in range(workers):
         spawn(i)
     codes: dict[int, int] = {}
     while len(codes) < len(procs):
@@ -63,7 +71,7 @@ def supervise(argv: list[str], args) -> int:
             if i in codes or p.poll() is None:
                 continue
             multiprocess.mark_process_dead(p.pid, path=str(shared / "prometheus"))
-            if stopping:
+            if stopping():
                 codes[i] = p.returncode
             else:
                 log.error("worker %d exited %d unexpectedly; restarting it", i, p.returncode)
