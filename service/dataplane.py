@@ -31,12 +31,13 @@ class DataPlane:
         self.inflight = 0  # accepted and not yet answered; the drain on shutdown waits for 0
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        if self.max_inflight and self.inflight >= self.max_inflight:
-            raise Unavailable(f"server busy: {self.inflight} requests in flight (--max-inflight); retry later")
         self.inflight += 1
         code = "OK"
         t0 = time.perf_counter_ns()
         try:
+            if self.max_inflight and self.inflight > self.max_inflight:
+                raise Unavailable(f"server busy: {self.inflight - 1} requests in flight (--max-inflight); retry "
+                                  "later")
             return await self._infer(request, t0)
         except ServingError as exc:
             code = exc.code.name

@@ -151,3 +151,42 @@ def test_sigterm_under_load_loses_no_accepted_request(tmp_path):
     assert len(before) > 16 and set(before) == {"OK"}, load.errors[:5]
     assert after <= {"OK", "UNAVAILABLE", "CANCELLED"} and "OK" in after, after
     assert "stopped after" in server.log()
+
+
+def test_deadlines_inflight_limit_and_json_access_log(tmp_path):
+    repo = tmp_path / "models"
+    save(slow_model(n=1000, reps=8), repo, "slow", config="max_batch_size: 1\n")  # ~0.5 s a run here
+    server = Server(repo, "--max-inflight", "3", "--log-format", "json", "--access-log")
+    stub = _stub(server)
+    stub.ServerReady(pb.ServerReadyRequest())  # the connection is up: the next calls arrive in order
+    one = request("slow", x=np.ones((1, 1), np.float32))
+    try:
+        # A request whose gRPC deadline passes while it waits is dropped before it runs.
+        long = stub.ModelInfer.future(one, timeout=30)
+        time.sleep(0.02)
+        short = [stub.ModelInfer.future(one, timeout=0.05) for _ in range(2)]
+        for f in short:
+            with pytest.raises(grpc.RpcError) as err:
+                f.result()
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        long.result(timeout=30)
+        time.sleep(0.3)
+        st = stub.ModelStatistics(pb.ModelStatisticsRequest(name="slow")).model_stats[0]
+        assert st.execution_count == 1  # the long request alone (warmup is not counted)
+        # Beyond --max-inflight requests are refused at once.
+        futures = [stub.ModelInfer.future(one, timeout=30) for _ in range(6)]
+        codes = []
+        for f in futures:
+            try:
+                f.result()
+                codes.append("OK")
+            except grpc.RpcError as exc:
+                codes.append(exc.code().name)
+                assert "--max-inflight" in exc.details()
+        assert codes.count("OK") >= 3 and "UNAVAILABLE" in codes, codes
+        lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+        access = [r for r in lines if r["message"] == "infer"]
+        assert {"request_id", "model", "version", "status", "duration_ms", "time", "level"} <= set(access[0])
+        assert {r["status"] for r in access} >= {"OK", "UNAVAILABLE", "CANCELLED"}
+    finally:
+        server.stop()
