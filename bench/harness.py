@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -258,12 +259,23 @@ def _meta(plan: Plan, gen_note: str, repo: BenchRepository) -> dict[str, str]:
                                   f"(`{DIGITS_NOBATCH}`)",
         "bench_resnet": "ResNet-style CNN (onnx.helper, untrained), FP32 [B,3,64,64], max_batch_size 128, "
                         "dynamic_batching {}",
-        "server": "`deepserve serve` with its defaults (instance count 1, intra-op threads = cores)",
+        "server": "`deepserve serve` with its defaults; no instance_group in a config means 1 instance with "
+                  "intra-op threads = cores",
     }
+
+
+def _cpu_mark() -> tuple[float, float, float]:
+    """(machine busy core-seconds, total core-seconds, this process and its waited-for children's CPU seconds)."""
+    busy, total = profile.machine_ticks()
+    hz = os.sysconf("SC_CLK_TCK")
+    own = sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                resource.getrusage(resource.RUSAGE_CHILDREN)))
+    return busy / hz, total / hz, own
 
 
 def bench_main(argv: list[str]) -> int:
     args, plan = parse(argv)
+    mark = _cpu_mark()
     out: Path = args.out
     logs = out / "logs"
     if logs.exists():
@@ -301,7 +313,11 @@ def bench_main(argv: list[str]) -> int:
             if plan.profile != "off":
                 run.profiles(server, version)
         run.leak()
-    run.results.meta["duration"] = f"{time.monotonic() - run.t0:.0f} s; load average at end {os.getloadavg()[0]:.2f}"
+    end = _cpu_mark()
+    others = max(0.0, (end[0] - mark[0]) - (end[2] - mark[2])) / (end[1] - mark[1]) * (os.cpu_count() or 1)
+    run.results.meta["duration"] = (f"{time.monotonic() - run.t0:.0f} s; load average at end "
+                                    f"{os.getloadavg()[0]:.2f}; processes outside this benchmark used {others:.2f} "
+                                    f"of the {os.cpu_count()} cores on average during the run")
     files = report.write(run.results, out, plan.leak_requests, plan.leak_high)
     for v in report.verdicts(run.results, plan.leak_requests, plan.leak_high):
         run.say(f"{v.mark:>12}  {v.target}: {v.measured} (goal {v.goal})")

@@ -124,8 +124,8 @@ class PerfAnalyzer:
     def measure(self, url: str, model: str, version: str, batch: int, concurrency: int, seconds: float,
                 target: str, latency_ms: float) -> Measurement:
         """Three time windows of about seconds/3.6 each (perf_analyzer sleeps 1.2 windows per window), at least
-        five expected request latencies long."""
-        window = int(max(seconds * 1000 / 3.6, 5 * latency_ms, 200))
+        three expected request latencies long."""
+        window = int(max(seconds * 1000 / 3.6, 3 * latency_ms, 200))
         why = ""
         for stability in ("100", "10000"):
             row, why = self._call(["-x", version, "-u", url, "-p", str(window), "-s", stability, "-r", "6"],

@@ -134,3 +134,20 @@ def test_bench_smoke_run_writes_a_well_formed_report(tmp_path):
     import matplotlib.image
 
     assert matplotlib.image.imread(str(out / "throughput.png")).shape[0] > 200
+
+
+def test_profile_summary_attributes_gil_samples_to_frames_and_our_functions():
+    from bench.profile import summarize
+
+    main = "thread (7): MainThread;<module> (service/cli.py:49);serve_main (service/server.py:199);Handle._run " \
+           "(asyncio/events.py:80)"
+    collapsed = "\n".join([f"{main} 6", f"{main};Servicer.ModelInfer (service/grpc_api.py:135);decode_input "
+                           "(service/tensors.py:40) 3", "thread (9): ort-m:1_0;Session.run (/x/site-packages/"
+                           "onnxruntime/capi/onnxruntime_inference_collection.py:266) 1"])
+    text = "\n".join(summarize(collapsed))
+    assert "10 samples" in text
+    assert "| `Handle._run (asyncio/events.py)` | 60.0% |" in text  # line numbers merged per function
+    assert "| `decode_input (service/tensors.py)` | 30.0% |" in text
+    assert "`Session.run (onnxruntime/capi/onnxruntime_inference_collection.py)`" in text  # paths shortened
+    ours = text.split("deepserve functions, inclusive", 1)[1]
+    assert "Servicer.ModelInfer (service/grpc_api.py)` | 30.0%" in ours and "serve_main" not in ours
