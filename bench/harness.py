@@ -19,6 +19,7 @@ import os
 import platform
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +34,7 @@ from google.protobuf import text_format
 from bench import compute, profile, report
 from bench.loadgen import BenchError, Generator, Measurement, PythonLoad, cores, measure, merge, pick_generator
 from bench.models import DIGITS, DIGITS_NOBATCH, RESNET, BenchRepository, prepare_repository, read_config
-from bench.procs import Target, ceiling, deepserve, model_info
+from bench.procs import ROOT, Target, ceiling, deepserve, model_info
 from service._proto import model_config_pb2
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -246,8 +247,15 @@ def _meta(plan: Plan, gen_note: str, repo: BenchRepository) -> dict[str, str]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     versions = ", ".join(f"{p} {pkg.version(p)}" for p in ("grpcio", "onnxruntime", "numpy", "protobuf"))
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        head = "unknown"
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "code": f"git {head} (dirty: uncommitted changes in the tree, possibly other engineers' work in progress)"
+                if head.endswith("-dirty") else f"git {head}",
         "mode": f"{plan.label} ({plan.seconds:g} s per run, {plan.repeats} run(s) per point in ABBA order, leak "
                 f"check {plan.leak_requests:,} x {plan.leak_rounds} requests)",
         "machine": f"{cores()} cores ({cpu}), {platform.system()} {platform.release()}; load average at start "
