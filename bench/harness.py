@@ -201,6 +201,27 @@ class Run:
                         self.say(f"{RESNET} b{batch} c{conc}: server {m.infer_per_s:,.0f} samples/s, raw "
                                  f"onnxruntime {beside:,.0f} ({m.infer_per_s / beside:.2f}x)")
 
+    def cpu_costs(self, server: Target, ceilings: dict[int, Target], version: str) -> None:
+        """CPU per request of the server and of the ceiling at the target points: an exact count of requests
+        against the kernel's CPU counters for the target process. Unlike requests/s, this hardly moves when
+        other processes take cores away, so it is the steadier ratio on a shared machine."""
+        if 1 not in ceilings:
+            return
+        count = max(200, int(1000 * self.plan.seconds))
+        for target, model, conc in ((server, DIGITS, 1), (ceilings[1], DIGITS, 1), (server, DIGITS, 32),
+                                    (ceilings[1], DIGITS, 32), (server, DIGITS_NOBATCH, 32)):
+            before = target.cpu_seconds()
+            try:
+                self.gen.run(target.url, model, version, 1, conc, count, target.name)
+            except BenchError as exc:
+                self.results.errors.append(f"CPU cost {target.name} {model} c{conc}: {exc}")
+                continue
+            after = target.cpu_seconds()
+            label = "transport ceiling" if target is not server else f"server ({model})"
+            self.results.cpu.append(report.CpuCost(label, 1, conc, count, (after[0] - before[0]) / count * 1e3,
+                                                   (after[1] - before[1]) / count * 1e3))
+            self.say(f"CPU per request, {label} c{conc}: {self.results.cpu[-1].ms_per_request:.3f} ms")
+
     def leak(self) -> None:
         """A fresh server, then rounds of batch-1 requests at 32 in flight, RSS read after each round."""
         with deepserve(self.repo.root, self.logs, "server_leak").start() as server:
@@ -313,6 +334,7 @@ def bench_main(argv: list[str]) -> int:
                 for c in ceilings.values():
                     c.wait_ready()
                 run.sweep(server, ceilings, version)
+                run.cpu_costs(server, ceilings, version)
             finally:
                 for c in ceilings.values():
                     c.stop()

@@ -79,6 +79,16 @@ class Target:
                 return int(line.split()[1]) * 1024
         raise RuntimeError(f"no VmRSS for pid {self.pid}")
 
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU seconds used so far (user + system): the whole process, and its main thread (the event loop's)."""
+        hz = os.sysconf("SC_CLK_TCK")
+
+        def ticks(stat: Path) -> int:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])
+
+        return ticks(Path(f"/proc/{self.pid}/stat")) / hz, ticks(Path(f"/proc/{self.pid}/task/{self.pid}/stat")) / hz
+
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return

@@ -18,6 +18,18 @@ MIB = 1024 * 1024
 
 
 @dataclass
+class CpuCost:
+    """CPU time one target process spent per request, over an exact count of requests."""
+
+    target: str
+    batch: int
+    concurrency: int
+    requests: int
+    ms_per_request: float  # all threads
+    main_ms_per_request: float  # the main thread: the event loop, which holds the GIL for the Python work
+
+
+@dataclass
 class Results:
     meta: dict[str, str]
     digits_model: str
@@ -27,6 +39,7 @@ class Results:
     compute: list[ComputeCeiling] = field(default_factory=list)  # every run, in order
     batching: tuple[Measurement, Measurement] | None = None  # (on, off)
     leak: list[tuple[int, int]] = field(default_factory=list)  # (requests served since start, RSS bytes)
+    cpu: list[CpuCost] = field(default_factory=list)
     profile: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -103,6 +116,19 @@ def markdown(r: Results, leak_low: int, leak_high: int) -> str:
             lines.append(f"| {s.batch} | {s.concurrency} | {s.requests_per_s:,.0f} | {c.requests_per_s:,.0f} | "
                          f"**{s.requests_per_s / c.requests_per_s:.2f}x** | {_lat(s)} | {_lat(c)} | "
                          f"{s.p50_ms - c.p50_ms:+.2f} | {s.p99_ms / c.p99_ms:.2f}x |")
+    if r.cpu:
+        lines += ["", f"## CPU per request ({r.digits_model}, batch 1)", "",
+                  "CPU seconds the target process used (kernel counters) over an exact number of requests. The "
+                  "other processes on the machine slow a target down but hardly change what each request costs "
+                  "it, so these ratios are the steadier ones here.", "",
+                  "| target | concurrency | CPU ms per request, all threads | main thread (event loop) | "
+                  "vs ceiling, all threads |", "| --- | ---: | ---: | ---: | ---: |"]
+        for c in r.cpu:
+            base = next((b for b in r.cpu if b.target == "transport ceiling" and b.concurrency == c.concurrency),
+                        None)
+            ratio = f"{c.ms_per_request / base.ms_per_request:.2f}x" if base else "-"
+            lines.append(f"| {c.target} | {c.concurrency} | {c.ms_per_request:.3f} | {c.main_ms_per_request:.3f} | "
+                         f"{ratio} |")
     if r.resnet or r.compute:
         lines += ["", f"## {r.resnet_model}: server vs compute ceiling (raw onnxruntime in-process)", "",
                   "Each point's ceiling is the mean of the runs right before and right after it.", "",
@@ -194,6 +220,7 @@ def write(r: Results, out: Path, leak_low: int, leak_high: int) -> list[Path]:
             "compute": [c.to_dict() for c in r.compute],
             "batching": {"on": r.batching[0].to_dict(), "off": r.batching[1].to_dict()} if r.batching else None,
             "leak": [{"requests": n, "rss_bytes": rss} for n, rss in r.leak],
+            "cpu_per_request": [c.__dict__ for c in r.cpu],
             "targets": [v.__dict__ for v in verdicts(r, leak_low, leak_high)], "errors": r.errors}
     js.write_text(json.dumps(data, indent=1))
     plot(r, png)

@@ -126,6 +126,8 @@ def test_bench_smoke_run_writes_a_well_formed_report(tmp_path):
     assert data["batching"]["on"]["model"] == "digits_cnn" and data["batching"]["off"]["model"] == "digits_cnn_nobatch"
     assert [p["requests"] for p in data["leak"]] == [100, 200] and all(p["rss_bytes"] > 0 for p in data["leak"])
     assert len(data["targets"]) == 5 and not data["errors"]
+    assert [c["target"] for c in data["cpu_per_request"]] == ["server (digits_cnn)", "transport ceiling"] * 2 + [
+        "server (digits_cnn_nobatch)"] and all(c["ms_per_request"] > 0 for c in data["cpu_per_request"])
     # the table rows: one per measured point, each with a ratio
     assert md.count("x** |") >= len(data["sweep"]) + len(data["resnet"])
 
