@@ -197,6 +197,8 @@ def plot(r: Results, path: Path) -> None:
         top.set_ylabel("samples/s")
         bottom.set_ylabel("p99 latency (ms)")
     ticks = sorted({s.concurrency for s, _ in r.sweep} | {m.concurrency for m, _ in r.resnet})
+    for ax in axes[1]:
+        ax.set_yscale("log")  # p99 spans two decades between concurrency 1 and 64
     for ax in axes.flat:
         ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, [str(t) for t in ticks])
