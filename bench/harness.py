@@ -4,12 +4,14 @@ Order of work, and why:
 1. A work copy of the repository: the published digits_cnn (or a stand-in) served twice, batching on and off, and
    the compute-heavy bench_resnet. The user's repository is never touched.
 2. The server and one transport-ceiling server per batch size run at the same time; each (batch, concurrency)
-   point measures the server and then the ceiling back to back, so slow drifts in the machine's load hit both
-   sides of a ratio alike. Idle gRPC servers cost nothing measurable.
-3. The compute ceiling is measured in-process right before the resnet points at the same batch size.
-4. The leak check runs on a fresh server so that "after 20k requests" means exactly that.
-5. When a server-vs-ceiling target is missed and py-spy is installed, a profile of the request path under the
-   failing load is added to the report.
+   point measures server and ceiling in ABBA order, so a drift in the machine's load hits both sides of a ratio
+   alike. Idle gRPC servers cost nothing measurable.
+3. CPU per request of server and ceiling at the target points, from kernel counters: the ratio that other
+   processes on a shared machine disturb least.
+4. Raw onnxruntime in-process right before and after each resnet point at the same batch size.
+5. When a server-vs-ceiling target is missed, per-thread CPU and a py-spy profile of the request path under
+   that load go into the report.
+6. The leak check runs on a fresh server so that "after 20k requests" means exactly that.
 """
 
 from __future__ import annotations
