@@ -87,7 +87,8 @@ def test_perf_analyzer_runs_without_errors(server, tmp_path, concurrency):
     csv = tmp_path / "pa.csv"
     r = subprocess.run([str(PERF_ANALYZER), "-m", "add_sub", "-u", server.url, "-i", "grpc",
                         "--concurrency-range", str(concurrency), "--measurement-interval", "500",
-                        "-f", str(csv), "-b", "2", "--max-trials", "3", "--stability-percentage", "100"],
+                        # stability is not what this test is about: a shared machine's latency varies a lot
+                        "-f", str(csv), "-b", "2", "--max-trials", "6", "--stability-percentage", "10000"],
                        capture_output=True, text=True, timeout=300, env={**os.environ})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = csv.read_text().splitlines()
