@@ -24,6 +24,7 @@ from service.stats import Recorder
 log = logging.getLogger("deepserve.batcher")
 Outputs = dict[str, np.ndarray]
 REJECT = model_config_pb2.ModelQueuePolicy.TimeoutAction.REJECT
+INLINE_MAX_NS = 250_000
 
 
 class Pending:
@@ -63,6 +64,12 @@ class Batcher:
         self.default_timeout_us = policy.default_timeout_microseconds
         self.reject_on_timeout = policy.timeout_action == REJECT
         self.target = (self.preferred[-1] if self.preferred else self.max_batch) if self.batching else 1
+        # Runs measured shorter than this go inline on the event loop: handing a 50 us run to a thread and back
+        # costs two thread wake-ups and more CPU than the run. Longer ones (with hysteresis) use executor threads.
+        self.inline_max_ns = int(config.parameters["inline_max_us"].string_value) * 1000 \
+            if "inline_max_us" in config.parameters else INLINE_MAX_NS
+        self.run_ns: float | None = None  # moving average of onnxruntime's run time per execution
+        self.inline = False
         self.queue: deque[Pending] = deque()
         self.executor = ThreadPoolExecutor(max_workers=len(instances), thread_name_prefix=f"ort-{name}")
         self._arrived = asyncio.Event()
@@ -103,7 +110,9 @@ class Batcher:
 
     async def _run_now(self, feeds: dict[str, np.ndarray], rows: int) -> Outputs:
         """Idle fast path: nothing queued, an instance free and no delay to wait for, so no batch could form.
-        Run from this request's own coroutine, without waking the scheduler."""
+        Run from this request's own coroutine, without waking the scheduler. (Measured: sending batching models
+        through the scheduler anyway, to gather what one loop tick decoded, made small models slower; batches
+        form where they pay, when instances are busy.)"""
         return (await self._run_batch(self.free.pop(), [Pending(feeds, rows, (), None)]))[0]
 
     def _expire(self, p: Pending, timeout_us: int) -> None:
@@ -126,8 +135,16 @@ class Batcher:
             if self.batching and self.delay_ns:
                 await self._wait_for_batch()
             batch = self._take()
-            if batch:
-                instance = self.free.pop()
+            if not batch:
+                continue
+            instance = self.free.pop()
+            if self.inline:
+                try:
+                    self._deliver(batch, self._run_inline(instance, batch))
+                except ServingError as exc:
+                    self._deliver(batch, exc)
+                await asyncio.sleep(0)  # let the loop decode requests and send replies between batches
+            else:
                 task = asyncio.get_running_loop().create_task(self._execute(instance, batch))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
@@ -141,10 +158,9 @@ class Batcher:
             if remaining <= 0:
                 return
             self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining / 1e9)
-            except TimeoutError:
-                return
+            timer = asyncio.get_running_loop().call_later(remaining / 1e9, self._arrived.set)
+            await self._arrived.wait()  # a new request, or the delay is over (cheaper than wait_for's task)
+            timer.cancel()
 
     def _rows_like(self, head: Pending) -> int:
         return sum(p.rows for p in self.queue if p.key == head.key and not p.future.done())
@@ -190,19 +206,24 @@ class Batcher:
 
     async def _execute(self, instance: Instance, batch: list[Pending]) -> None:
         try:
-            parts = await self._run_batch(instance, batch)
+            self._deliver(batch, await self._run_batch(instance, batch))
         except ServingError as exc:
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(exc)
-            return
-        for p, out in zip(batch, parts, strict=True):
+            self._deliver(batch, exc)
+
+    @staticmethod
+    def _deliver(batch: list[Pending], result: list[Outputs] | ServingError) -> None:
+        for i, p in enumerate(batch):
             if not p.future.done():
-                p.future.set_result(out)
+                if isinstance(result, ServingError):
+                    p.future.set_exception(result)
+                else:
+                    p.future.set_result(result[i])
 
     async def _run_batch(self, instance: Instance, batch: list[Pending]) -> list[Outputs]:
-        """Merge, run and split in an executor thread. The instance is handed back only when that thread is
-        done with it, even if the caller was cancelled meanwhile."""
+        """Merge, run and split, inline for fast models, else in an executor thread. An executor's instance is
+        handed back only when its thread is done with it, even if the caller was cancelled meanwhile."""
+        if self.inline:
+            return self._run_inline(instance, batch)
         loop = asyncio.get_running_loop()
         started = time.perf_counter_ns()
         work = self.executor.submit(_work, instance, batch)
@@ -214,15 +235,35 @@ class Batcher:
             else:
                 work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release, instance))
             if isinstance(exc, Exception):
-                log.exception("model %r: execution of a batch of %d requests failed", self.name, len(batch))
-                raise ExecutionError(f"model {self.name!r}: execution failed: {exc}") from exc
+                raise self._failed(batch, exc) from exc
             raise
         self._release(instance)
+        self._account(batch, started, t_in, t_run, t_out)
+        return parts
+
+    def _run_inline(self, instance: Instance, batch: list[Pending]) -> list[Outputs]:
+        started = time.perf_counter_ns()
+        try:
+            parts, t_in, t_run, t_out = _work(instance, batch)
+        except Exception as exc:
+            raise self._failed(batch, exc) from exc
+        finally:
+            self._release(instance)
+        self._account(batch, started, t_in, t_run, t_out)
+        return parts
+
+    def _failed(self, batch: list[Pending], exc: Exception) -> ExecutionError:
+        log.exception("model %r: execution of a batch of %d requests failed", self.name, len(batch))
+        return ExecutionError(f"model {self.name!r}: execution failed: {exc}")
+
+    def _account(self, batch: list[Pending], started: int, t_in: int, t_run: int, t_out: int) -> None:
         rec = self.recorder
         for p in batch:
             rec.queued(started - p.enqueued)
         rec.executed(sum(p.rows for p in batch), len(batch), t_in, t_run, t_out)
-        return parts
+        self.run_ns = t_run if self.run_ns is None else 0.9 * self.run_ns + 0.1 * t_run
+        # hysteresis: go inline below the threshold, back to threads above twice it
+        self.inline = self.run_ns < self.inline_max_ns * (2 if self.inline else 1)
 
     def _release(self, instance: Instance) -> None:
         self.free.append(instance)

@@ -59,6 +59,7 @@ def add_to_server(servicer: Servicer, server: grpc.aio.Server) -> None:
 
 def rpc(fn: Callable) -> Callable:
     method = fn.__name__
+    bound: list = []  # (OK counter, duration histogram) of this method, bound on the first call
 
     @functools.wraps(fn)
     async def wrapper(self: Servicer, request, context: grpc.aio.ServicerContext):
@@ -81,8 +82,10 @@ def rpc(fn: Callable) -> Callable:
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method} (request id {rid}); "
                                 "the server log has the details")
         finally:
-            self.metrics.grpc_requests.labels(method, code).inc()
-            self.metrics.grpc_duration.labels(method).observe(time.perf_counter() - t0)
+            if not bound:
+                bound[:] = self.metrics.grpc_requests.labels(method, "OK"), self.metrics.grpc_duration.labels(method)
+            (bound[0] if code == "OK" else self.metrics.grpc_requests.labels(method, code)).inc()
+            bound[1].observe(time.perf_counter() - t0)
 
     return wrapper
 
