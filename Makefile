@@ -42,7 +42,7 @@ proto: install
 	$(PY) proto/generate.py
 
 bench: install
-	$(BIN)/deepserve bench --repository $(REPO)
+	$(BIN)/deepserve bench --repository $(REPO) --readme README.md
 
 # Long forms of tests that CI runs short: 10 minutes at concurrency 64 over the example models; 100k fuzz cases.
 soak: install

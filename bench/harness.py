@@ -75,6 +75,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, Plan]:
                    help="repository with the published digits_cnn (a stand-in is built when it has none)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the report goes (default bench/results)")
     p.add_argument("--quick", action="store_true", help="scale every count down (about 2 minutes)")
+    p.add_argument("--readme", type=Path, help="also write the report into this README's performance section "
+                   "(between <!-- BENCH-TABLE --> and <!-- /BENCH-TABLE -->) and the plot beside it in docs/")
     p.add_argument("--generator", choices=["auto", "perf_analyzer", "python"], default="auto",
                    help="load generator; auto = perf_analyzer when it runs, else the Python one")
     p.add_argument("--concurrency", type=_ints, help="digits_cnn concurrency levels (default 1,4,16,32,64)")
@@ -353,5 +355,7 @@ def bench_main(argv: list[str]) -> int:
     files = report.write(run.results, out, plan.leak_requests, plan.leak_high)
     for v in report.verdicts(run.results, plan.leak_requests, plan.leak_high):
         run.say(f"{v.mark:>12}  {v.target}: {v.measured} (goal {v.goal})")
+    if args.readme:
+        files += report.into_readme(args.readme, out / "results.md", out / "throughput.png")
     run.say("wrote " + ", ".join(str(f) for f in files))
     return 1 if run.results.errors else 0

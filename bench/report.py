@@ -227,3 +227,24 @@ def write(r: Results, out: Path, leak_low: int, leak_high: int) -> list[Path]:
     js.write_text(json.dumps(data, indent=1))
     plot(r, png)
     return [md, js, png]
+
+
+README_START, README_END = "<!-- BENCH-TABLE -->", "<!-- /BENCH-TABLE -->"
+
+
+def into_readme(readme: Path, results_md: Path, plot_png: Path) -> list[Path]:
+    """Put this run's report in the README between the markers (headings one level down) and its plot in docs/,
+    so the committed README shows the numbers of the committed code."""
+    text = readme.read_text()
+    if README_START not in text:
+        raise SystemExit(f"{readme} has no {README_START} marker")
+    docs = readme.parent / "docs"
+    docs.mkdir(exist_ok=True)
+    png = docs / "bench-throughput.png"
+    png.write_bytes(plot_png.read_bytes())
+    body = "\n".join("#" + line if line.startswith("#") else line for line in results_md.read_text().splitlines())
+    block = f"{README_START}\n![throughput and p99 vs concurrency](docs/{png.name})\n\n{body.strip()}\n{README_END}"
+    head, _, rest = text.partition(README_START)
+    tail = rest.partition(README_END)[2] if README_END in rest else rest
+    readme.write_text(head + block + tail)
+    return [readme, png]

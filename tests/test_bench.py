@@ -153,3 +153,19 @@ def test_profile_summary_attributes_gil_samples_to_frames_and_our_functions():
     assert "`Session.run (onnxruntime/capi/onnxruntime_inference_collection.py)`" in text  # paths shortened
     ours = text.split("deepserve functions, inclusive", 1)[1]
     assert "Servicer.ModelInfer (service/grpc_api.py)` | 30.0%" in ours and "serve_main" not in ours
+
+
+def test_report_goes_into_the_readme_between_markers(tmp_path):
+    from bench.report import into_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n## Performance\n\n<!-- BENCH-TABLE -->\nold\n<!-- /BENCH-TABLE -->\n\n## GPU\nkept\n")
+    md, png = tmp_path / "results.md", tmp_path / "throughput.png"
+    png.write_bytes(b"\x89PNG fake")
+    for run in ("first", "second"):  # twice: the block is replaced, not appended
+        md.write_text(f"# deepserve bench\n\n## targets\n\n| a |\n| - |\n| {run} |\n")
+        into_readme(readme, md, png)
+    text = readme.read_text()
+    assert text.count("<!-- BENCH-TABLE -->") == 1 and "| second |" in text and "first" not in text
+    assert "### targets" in text and "## GPU\nkept" in text and "old" not in text
+    assert (tmp_path / "docs" / "bench-throughput.png").read_bytes() == b"\x89PNG fake"
