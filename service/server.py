@@ -151,10 +151,10 @@ async def serve(args) -> int:
 
 async def _initial_load(registry: Registry, args) -> None:
     names = registry.names_on_disk()
-    if args.model_control_mode == "explicit":
-        wanted = args.load_model or []
-        names = names if "*" in wanted else [n for n in wanted if n in names or log.error("--load-model %s: no "
-                                                                                          "such model folder", n)]
+    if args.model_control_mode == "explicit" and "*" not in args.load_model:
+        for missing in sorted(set(args.load_model) - set(names)):
+            log.error("--load-model %s: no such model folder in %s", missing, args.repository)
+        names = [n for n in args.load_model if n in names]
     for name in names:
         await registry.load(name)
 
