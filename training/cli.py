@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from training.spec import SpecError, available_jobs
+from training.spec import Options, SpecError, available_jobs
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,8 +72,6 @@ def train_main(argv: list[str]) -> int:
             return 2
         if "WORLD_SIZE" not in os.environ:
             return _launch(args, argv)
-    from training.jobs import Options
-
     opts = Options(repository=args.repository, runs=args.runs, config=args.config, sets=args.sets, data=args.data,
                    epochs=args.epochs, seed=args.seed, device=args.device, resume=args.resume,
                    quantize=args.quantize)
@@ -87,10 +85,22 @@ def train_main(argv: list[str]) -> int:
 
 
 def _run_one(job: str, opts: Any) -> tuple[int, dict[str, Any] | None]:
-    from training.distributed import process_group
-    from training.export import ExportError
-    from training.jobs import run_job
+    from training.spec import resolve
 
+    try:  # the spec alone first: a typo is reported in a fraction of a second, before torch is imported
+        resolve(job, opts.config, opts.sets, {"train.epochs": opts.epochs, "train.seed": opts.seed,
+                                              "train.device": opts.device})
+    except SpecError as exc:
+        print(f"deepserve train {job}: error: {exc}", file=sys.stderr)
+        return 2, None
+    try:
+        from training.distributed import process_group
+        from training.export import ExportError
+        from training.jobs import run_job
+    except ImportError as exc:
+        print(f"deepserve train: {exc}; training needs the train extra: pip install 'deepserve[train]'",
+              file=sys.stderr)
+        return 2, None
     try:
         with process_group(opts.device):
             summary = run_job(job, opts)

@@ -17,8 +17,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.spec import SpecError
-
 BATCHES = (1, 7, 64)
 LENGTHS = (5, 40, 100)
 
@@ -165,8 +163,3 @@ def padding_check(sess: Any, outputs: list[str], input_name: str, rng: np.random
         padded = sess.run(outputs, {input_name: batch})
         worst = max(worst, *(float(np.max(np.abs(a[0] - p[1]))) for a, p in zip(alone, padded, strict=True)))
     return worst
-
-
-def check_tolerance(tolerance: float) -> None:
-    if tolerance > 1e-4:
-        raise SpecError(f"export.tolerance = {tolerance}: the contract allows at most 1e-4")

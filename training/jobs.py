@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,29 +14,13 @@ import torch
 
 from training import card as cards
 from training.data import Dataset, hold_out, load
-from training.export import check_tolerance, export, parity
+from training.export import export, parity
 from training.loop import Dist, FitResult, Log, fit
 from training.nets import build
 from training.publish import ModelSpec, Tensor, publish
 from training.quantize import compare, quantize, run_all
-from training.spec import SpecError, fingerprint, resolve
+from training.spec import Options, SpecError, fingerprint, resolve
 from training.tasks import auroc, make_task
-
-
-@dataclass
-class Options:
-    """The command line, minus the job name."""
-
-    repository: Path = Path("models")
-    runs: Path = Path("runs")
-    config: Path | None = None
-    sets: list[str] = field(default_factory=list)
-    data: Path | None = None
-    epochs: int | None = None
-    seed: int | None = None
-    device: str | None = None
-    resume: bool = False
-    quantize: str | None = None
 
 
 def pick_device(name: str, dist: Dist) -> torch.device:
@@ -103,7 +86,6 @@ def run_job(job: str, opts: Options, log: Log = print) -> dict[str, Any]:
     began = time.perf_counter()
     flags = {"train.epochs": opts.epochs, "train.seed": opts.seed, "train.device": opts.device}
     spec = resolve(job, opts.config, opts.sets, flags)
-    check_tolerance(spec["export"]["tolerance"])
     if opts.quantize not in (None, "int8"):
         raise SpecError(f"--quantize {opts.quantize}: expected int8")
     dist = _dist()

@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import json
 import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,13 @@ def validate(spec: dict[str, Any]) -> None:
     for key in NON_NEGATIVE:
         if key in flat and flat[key] < 0:
             raise SpecError(f"{key} = {flat[key]!r}: expected a number >= 0")
+    if flat.get("export.tolerance", 0) > 1e-4:
+        raise SpecError(f"export.tolerance = {flat['export.tolerance']}: the contract allows at most 1e-4")
+    if flat.get("task") == "autoencode" and flat.get("train.loss") == "cross_entropy":
+        raise SpecError("train.loss = 'cross_entropy' does not fit an autoencoder; expected 'mse' or 'bce'")
+    if flat.get("task") == "autoencode" and flat.get("train.early_stopping_metric") == "val_accuracy":
+        raise SpecError("train.early_stopping_metric = 'val_accuracy' does not fit an autoencoder; expected "
+                        "'val_loss'")
 
 
 def resolve(job: str, config: Path | None = None, sets: list[str] | None = None,
@@ -167,3 +175,19 @@ def fingerprint(spec: dict[str, Any]) -> str:
     same = copy.deepcopy(spec)
     same.get("train", {}).pop("device", None)
     return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Options:
+    """The command line, minus the job name."""
+
+    repository: Path = Path("models")
+    runs: Path = Path("runs")
+    config: Path | None = None
+    sets: list[str] = field(default_factory=list)
+    data: Path | None = None
+    epochs: int | None = None
+    seed: int | None = None
+    device: str | None = None
+    resume: bool = False
+    quantize: str | None = None

@@ -1,0 +1,258 @@
+"""The `deepserve train` command as a user meets it: bad input, their own data, a run killed and resumed, a
+publish killed half way, and a serving install without torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.cli import train_main
+
+ROOT = Path(__file__).parent.parent
+
+
+def snapshot(repo: Path) -> dict[str, bytes]:
+    """Every file a server scanning the repository would see (hidden staging folders excluded)."""
+    if not repo.exists():
+        return {}
+    return {str(p.relative_to(repo)): p.read_bytes() for p in sorted(repo.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(repo).parts)}
+
+
+def run_cli(capsys, tmp_path: Path, *args: str) -> tuple[int, str]:
+    code = train_main([*args, "--repository", str(tmp_path / "models"), "--runs", str(tmp_path / "runs")])
+    return code, capsys.readouterr().err
+
+
+def write_npz(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+BAD_SPECS = [
+    (["nope"], ["unknown job 'nope'", "digits_cnn", "'all'"]),
+    (["digits_cn"], ["did you mean 'digits_cnn'"]),
+    (["digits_cnn", "--set", "train.lrr=0.1"], ["unknown key 'train.lrr'", "did you mean 'train.lr'"]),
+    (["digits_cnn", "--set", "train.lr=fast"], ["train.lr = 'fast'", "expected a number"]),
+    (["digits_cnn", "--set", "model.activation=swish"], ["model.activation = 'swish'", "relu, gelu, tanh, sigmoid"]),
+    (["digits_cnn", "--set", "train.optimizer=lbfgs"], ["sgd, adam, adamw, rmsprop"]),
+    (["digits_cnn", "--set", "model.dropout=1.5"], ["model.dropout = 1.5", "[0, 1)"]),
+    (["digits_cnn", "--set", "train.lr"], ["expected key=value"]),
+    (["digits_cnn", "--epochs", "0"], ["train.epochs = 0", "> 0"]),
+    (["digits_cnn", "--config", "/no/such.toml"], ["--config file /no/such.toml does not exist"]),
+    (["all", "--set", "train.lr=0.1"], ["belong to one job"]),
+    (["digits_cnn", "--set", "export.tolerance=0.01"], ["at most 1e-4"]),
+    (["digits_autoencoder", "--set", "train.loss=cross_entropy"], ["does not fit an autoencoder", "'mse' or 'bce'"]),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), BAD_SPECS, ids=[" ".join(a[0]) for a in BAD_SPECS])
+def test_bad_spec_is_one_clear_line_and_publishes_nothing(capsys, tmp_path: Path, args, expected) -> None:
+    code, err = run_cli(capsys, tmp_path, *args)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    for part in expected:
+        assert part in err, err
+    assert snapshot(tmp_path / "models") == {}
+
+
+def test_bad_config_file_names_the_key(capsys, tmp_path: Path) -> None:
+    cfg = tmp_path / "mine.toml"
+    cfg.write_text("[train]\nepochs = 2\nbatchsize = 8\n")
+    code, err = run_cli(capsys, tmp_path, "digits_cnn", "--config", str(cfg))
+    assert code == 2 and "unknown key 'train.batchsize'" in err and "train.batch_size" in err
+    cfg.write_text("[train\n")
+    code, err = run_cli(capsys, tmp_path, "digits_cnn", "--config", str(cfg))
+    assert code == 2 and "not valid TOML" in err
+
+
+def test_bad_user_data_names_the_array_and_the_expected_shape(capsys, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    cases = [
+        (write_npz(tmp_path / "noy.npz", x=rng.random((20, 8, 8))), "digits_cnn", ["missing array(s) y", "'x'"]),
+        (write_npz(tmp_path / "flat.npz", x=rng.random((20, 64)), y=np.arange(20) % 2), "digits_cnn",
+         ["'x' has shape (20, 64)", "[N, H, W] or [N, 1, H, W]"]),
+        (write_npz(tmp_path / "yfloat.npz", x=rng.random((20, 40)), y=rng.random(20)), "mnist1d_rnn",
+         ["'y' has shape (20,) and dtype float64", "1-D integer array"]),
+        (write_npz(tmp_path / "rows.npz", x=rng.random((20, 64)), y=np.arange(19) % 2), "digits_autoencoder",
+         ["'x' has 20 rows but 'y' has 19"]),
+        (write_npz(tmp_path / "img.npz", x=rng.random((20, 8, 8)), y=np.arange(20) % 2), "langid_transformer",
+         ["expects a folder <label>/*.txt"]),
+        (tmp_path / "missing.npz", "digits_cnn", ["no such file or folder"]),
+    ]
+    for path, job, expected in cases:
+        code, err = run_cli(capsys, tmp_path, job, "--data", str(path))
+        assert code == 2, (job, path, err)
+        assert len(err.strip().splitlines()) == 1, err
+        for part in expected:
+            assert part in err, err
+    one = tmp_path / "texts" / "english"
+    one.mkdir(parents=True)
+    (one / "a.txt").write_text("hello there\nhow are you\n")
+    code, err = run_cli(capsys, tmp_path, "langid_transformer", "--data", str(tmp_path / "texts"))
+    assert code == 2 and "found 1 label folder(s)" in err and "at least two labels" in err
+    assert snapshot(tmp_path / "models") == {}
+
+
+@pytest.mark.skipif("torch" in sys.modules and __import__("torch").cuda.is_available(), reason="a GPU is present")
+def test_cuda_requested_without_a_gpu(capsys, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    code, err = run_cli(capsys, tmp_path, "digits_cnn", "--device", "cuda", "--epochs", "1")
+    assert code == 2 and "--device cuda" in err and "--device cpu" in err
+
+
+def train(tmp: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "training", *args, "--repository", str(tmp / "models"), "--runs", str(tmp / "runs")]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.slow
+def test_user_npz_with_other_image_size_and_user_text_folder(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    import onnxruntime as ort
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    big = np.kron(x.reshape(-1, 8, 8) / 16.0, np.ones((1, 2, 2)))[:600]  # 16x16 images, labels as names
+    path = write_npz(tmp_path / "mine.npz", x=big.astype(np.float32), y=y[:600],
+                     labels=np.array([f"digit-{i}" for i in range(10)]))
+    done = train(tmp_path, "digits_cnn", "--data", str(path), "--epochs", "4")
+    assert done.returncode == 0, done.stderr[-2000:]
+    model_dir = tmp_path / "models" / "digits_cnn"
+    assert "dims: 16" in (model_dir / "config.pbtxt").read_text()
+    assert (model_dir / "labels.txt").read_text().splitlines()[3] == "digit-3"
+    sess = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    pred = sess.run(["logits"], {"image": big[-200:, None].astype(np.float32)})[0].argmax(1)
+    assert (pred == y[400:600]).mean() > 0.6  # 400 of these were training rows, the rest val/test; chance 0.1
+
+    texts = tmp_path / "texts"
+    for label, lines in {"greeting": ["hello there", "good morning", "hi friend", "good evening"] * 5,
+                         "number": ["one two three", "four five six", "seven eight", "nine ten"] * 5}.items():
+        (texts / label).mkdir(parents=True)
+        (texts / label / "part1.txt").write_text("\n".join(lines) + "\n")
+    done = train(tmp_path, "langid_transformer", "--data", str(texts), "--epochs", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    model_dir = tmp_path / "models" / "langid_transformer"
+    assert (model_dir / "labels.txt").read_text().splitlines() == ["greeting", "number"]
+    card = json.loads((model_dir / "1" / "card.json").read_text())
+    assert card["data"]["lines_per_label"] == {"greeting": 20, "number": 20}
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_from_the_checkpoint(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    epochs = 8
+    cmd = [sys.executable, "-m", "training", "digits_cnn", "--epochs", str(epochs), "--repository",
+           str(tmp_path / "models"), "--runs", str(tmp_path / "runs")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("epoch 3 "):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert snapshot(tmp_path / "models") == {}  # killed before publishing: nothing there
+    ckpt = torch.load(tmp_path / "runs" / "digits_cnn" / "checkpoint.pt", weights_only=False)
+    killed_at = ckpt["epoch"]
+    assert 2 <= killed_at < epochs
+
+    done = train(tmp_path, "digits_cnn", "--epochs", str(epochs), "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"after epoch {killed_at}/{epochs}" in done.stdout
+    assert [ln.split()[1] for ln in done.stdout.splitlines() if ln.startswith("epoch ")] == [
+        str(e) for e in range(killed_at + 1, epochs + 1)]
+    card = json.loads((tmp_path / "models" / "digits_cnn" / "1" / "card.json").read_text())
+    assert card["resumed_from_epoch"] == killed_at
+    resumed = [r["val_loss"] for r in card["history"]]
+
+    # The resumed run is the run that was never killed: same per-epoch validation losses, epoch for epoch.
+    from training.data import load
+    from training.loop import fit
+    from training.nets import build
+    from training.spec import resolve
+    from training.tasks import make_task
+
+    spec = resolve("digits_cnn", flags={"train.epochs": epochs})
+    data = load(spec)
+    torch.manual_seed(0)
+    net = build(spec, torch.as_tensor(data.train.x[:2]), 10)
+    straight = fit(net, make_task(spec, 10), data, spec, None, False, torch.device("cpu"), "", quiet=True)
+    assert resumed == pytest.approx([r["val_loss"] for r in straight.history], rel=1e-6)
+
+    done = train(tmp_path, "digits_cnn", "--epochs", str(epochs + 1), "--resume")
+    assert done.returncode == 2 and "different spec" in done.stderr
+
+
+@pytest.mark.slow
+def test_publish_is_atomic_under_a_crash_and_a_failed_check(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    repo = tmp_path / "models"
+    old = repo / "digits_cnn"  # a repository that already serves version 1
+    (old / "1").mkdir(parents=True)
+    for name in ("model.onnx", "card.json"):
+        (old / "1" / name).write_bytes(b"version 1's " + name.encode())
+    (old / "config.pbtxt").write_text('name: "digits_cnn"\n')
+    (old / "labels.txt").write_text("old labels\n")
+    before = snapshot(repo)
+
+    # SIGKILL after the new version is fully written but before it is renamed into place.
+    crashed = train(tmp_path, "digits_cnn", "--epochs", "1", env={"DEEPSERVE_CRASH_AT": "publish:staged"})
+    assert crashed.returncode == -signal.SIGKILL
+    assert snapshot(repo) == before
+    staged = [p for p in (repo / "digits_cnn").iterdir() if p.name.startswith(".publish-")]
+    assert len(staged) == 1 and (staged[0] / "model.onnx").exists()  # the crash really was mid-publish
+
+    # A parity check that cannot pass fails the job before anything is written.
+    failed = train(tmp_path, "digits_cnn", "--epochs", "1", "--set", "export.tolerance=1e-12")
+    assert failed.returncode == 1
+    assert "parity check failed" in failed.stderr and "nothing published" in failed.stderr
+    assert snapshot(repo) == before
+
+    # The repository still works: the next publish is version 2 and sweeps the dead staging folder away.
+    assert train(tmp_path, "digits_cnn", "--epochs", "1").returncode == 0
+    after = snapshot(repo)
+    assert {k for k in after if k not in before} == {f"digits_cnn/2/{f}" for f in
+                                                     ("model.onnx", "card.json", "training_curve.png", "examples.npz")}
+    assert all(after[k] == v for k, v in before.items() if k.startswith("digits_cnn/1/"))
+    assert after["digits_cnn/labels.txt"].decode().splitlines() == [str(i) for i in range(10)]
+    assert not [p for p in (repo / "digits_cnn").iterdir() if p.name.startswith(".")]
+
+
+BLOCK_TORCH = textwrap.dedent("""
+    import importlib, pkgutil, sys
+
+    class BlockTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError(f"No module named {name!r} (blocked: a serving install has no torch)")
+
+    sys.meta_path.insert(0, BlockTorch())
+    import service
+    for m in pkgutil.walk_packages(service.__path__, "service."):
+        importlib.import_module(m.name)
+    assert not any(n == "torch" or n.startswith("torch.") for n in sys.modules)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("the blocker did not block torch")
+    from service.cli import main
+    sys.exit(main(["train", "digits_cnn", "--epochs", "1"]))
+""")
+
+
+def test_service_imports_without_torch_and_train_says_what_is_missing(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", BLOCK_TORCH], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2, done.stderr
+    assert "deepserve[train]" in done.stderr and "torch" in done.stderr
