@@ -51,6 +51,8 @@ BAD_SPECS = [
     (["all", "--set", "train.lr=0.1"], ["belong to one job"]),
     (["digits_cnn", "--set", "export.tolerance=0.01"], ["at most 1e-4"]),
     (["digits_autoencoder", "--set", "train.loss=cross_entropy"], ["does not fit an autoencoder", "'mse' or 'bce'"]),
+    (["mnist1d_rnn", "--set", "model.bidirectional=true"], ["export.stream = true needs a unidirectional net"]),
+    (["digits_cnn", "--quantize", "int4"], ["--quantize: invalid choice: 'int4'"]),
 ]
 
 

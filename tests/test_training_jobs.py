@@ -115,8 +115,46 @@ def test_job_end_to_end(runs, job: str, args: list[str], floor: float) -> None:
     examples = np.load(version / "examples.npz")
     assert examples["label"].dtype == np.int64 and 8 <= len(examples["label"]) <= 16
     check_contract(job, model_dir, cfg, sess, examples)
+    served = [model_dir]
     if job == "digits_cnn":
         check_int8(tmp_path / "models", data)
+        served.append(tmp_path / "models" / "digits_cnn_int8")
+    if job == "mnist1d_rnn":
+        check_stream(tmp_path / "models", sess, examples)
+        served.append(tmp_path / "models" / "mnist1d_rnn_stream")
+    for d in served:
+        check_the_server_loads_it(d)
+
+
+def check_the_server_loads_it(model_dir: Path) -> None:
+    """The serving half's own loader accepts what was published (config checked against the graph, warm-up)."""
+    from prometheus_client import CollectorRegistry
+
+    from service.config import read_config
+    from service.metrics import Metrics
+    from service.models import load_version
+
+    mv = load_version(model_dir, 1, read_config(model_dir), True, Metrics(CollectorRegistry()))
+    assert mv.name == model_dir.name and mv.inputs
+
+
+def check_stream(repo: Path, whole: ort.InferenceSession, examples: np.lib.npyio.NpzFile) -> None:
+    """mnist1d_rnn_stream: stepping the published cell through each example gives the whole-sequence logits."""
+    from training.stream import step_through
+
+    stream_dir = repo / "mnist1d_rnn_stream"
+    cfg = read_config(stream_dir)
+    assert cfg.parameters["stream_of"].string_value == "mnist1d_rnn"
+    assert [i.name for i in cfg.input] == ["x_t"] and [o.name for o in cfg.output] == ["y"]
+    (state,) = cfg.sequence_batching.state
+    assert (state.input_name, state.output_name) == ("h_in", "h_out") and state.initial_state[0].zero_data
+    sess = session(stream_dir / "1" / "model.onnx")
+    assert [(i.name, i.shape[1]) for i in sess.get_inputs()] == [("x_t", 1), ("h_in", state.dims[0])]
+    x = examples["signal"]
+    stepped = step_through(sess, x, int(state.dims[0]))
+    assert np.abs(stepped - whole.run(["logits"], {"signal": x})[0]).max() <= 1e-5
+    card = json.loads((stream_dir / "1" / "card.json").read_text())
+    assert card["stream"]["stepped_max_abs_diff"] <= 1e-5 and card["stream"]["of"] == "mnist1d_rnn"
 
 
 def check_contract(job: str, model_dir: Path, cfg: model_config_pb2.ModelConfig, sess: ort.InferenceSession,

@@ -151,3 +151,25 @@ def test_early_stopping_stops_and_restores_the_best_epoch(digits) -> None:
     task = make_task(spec, digits.num_classes)
     restored = task.evaluate(net, torch.as_tensor(digits.val.x), torch.as_tensor(digits.val.y), 512)["loss"]
     assert math.isclose(restored, min(losses), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize(("cell", "layers", "conv"), [("gru", 1, 16), ("lstm", 2, 8), ("gru", 2, 0)])
+def test_stream_cell_steps_to_the_whole_sequence_answer(cell: str, layers: int, conv: int) -> None:
+    from training.nets_seq import RecurrentNet, StreamCell
+
+    torch.manual_seed(0)
+    net = RecurrentNet(10, conv, 3, [1, 2], cell, 12, layers, False, "gelu", 0.0, True).eval()
+    for m in net.modules():  # non-trivial batch-norm statistics, so eval-mode normalisation is exercised
+        if isinstance(m, nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    step = StreamCell(net)
+    x = torch.randn(5, 23, 1)
+    h = torch.zeros(5, step.state_size)
+    with torch.no_grad():
+        for t in range(x.shape[1]):
+            y, h = step(x[:, t], h)
+        whole = net(x)
+    assert torch.allclose(y, whole, atol=1e-5), float((y - whole).abs().max())
+    with pytest.raises(ValueError, match="bidirectional"):
+        StreamCell(RecurrentNet(10, 0, 3, [1], "gru", 8, 1, True, "relu", 0.0, False))

@@ -7,13 +7,19 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from training.spec import Options, SpecError, available_jobs
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line, like every other input error, instead of argparse's usage block."""
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deepserve train", description="Train a job, export it to ONNX, check the "
+    p = _Parser(prog="deepserve train", description="Train a job, export it to ONNX, check the "
                                 "export against torch and publish it as the next version in the model repository.")
     p.add_argument("job", help=f"a job in training/jobs ({', '.join(available_jobs())}) or 'all'")
     p.add_argument("--epochs", type=int, help="override train.epochs")

@@ -149,6 +149,9 @@ def validate(spec: dict[str, Any]) -> None:
         raise SpecError(f"export.tolerance = {flat['export.tolerance']}: the contract allows at most 1e-4")
     if flat.get("task") == "autoencode" and flat.get("train.loss") == "cross_entropy":
         raise SpecError("train.loss = 'cross_entropy' does not fit an autoencoder; expected 'mse' or 'bce'")
+    if flat.get("export.stream") and flat.get("model.bidirectional"):
+        raise SpecError("export.stream = true needs a unidirectional net (a stream cannot see the future); expected "
+                        "model.bidirectional = false, or export.stream = false")
     if flat.get("task") == "autoencode" and flat.get("train.early_stopping_metric") == "val_accuracy":
         raise SpecError("train.early_stopping_metric = 'val_accuracy' does not fit an autoencoder; expected "
                         "'val_loss'")
