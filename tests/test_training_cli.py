@@ -230,6 +230,32 @@ def test_publish_is_atomic_under_a_crash_and_a_failed_check(tmp_path: Path) -> N
     assert not [p for p in (repo / "digits_cnn").iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
+def test_two_process_data_parallel_training_publishes_one_checked_model(tmp_path: Path) -> None:
+    """`deepserve train JOB --nproc 2` runs torchrun: DDP over gloo, DistributedSampler, rank 0 publishes."""
+    pytest.importorskip("torch")
+    import onnxruntime as ort
+
+    from training.data import load
+    from training.spec import resolve
+
+    cmd = [sys.executable, "-c", "import sys; from service.cli import main; sys.exit(main(sys.argv[1:]))", "train",
+           "digits_cnn", "--nproc", "2", "--epochs", "3", "--repository", str(tmp_path / "models"), "--runs",
+           str(tmp_path / "runs")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("published") == 1 and done.stdout.count("epoch 3 ") == 1  # rank 0 alone reports
+    model_dir = tmp_path / "models" / "digits_cnn"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt", "labels.txt"]
+    card = json.loads((model_dir / "1" / "card.json").read_text())
+    assert card["world_size"] == 2 and card["parity"]["passed"] and card["parity"]["max_abs_diff"] <= 1e-4
+    assert (tmp_path / "runs" / "digits_cnn" / "checkpoint.pt").exists()
+    data = load(resolve("digits_cnn"))
+    sess = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    accuracy = float((sess.run(["logits"], {"image": data.test.x})[0].argmax(1) == data.test.y).mean())
+    assert accuracy >= 0.90 and accuracy == pytest.approx(card["test"]["onnxruntime_accuracy"])
+
+
 BLOCK_TORCH = textwrap.dedent("""
     import importlib, pkgutil, sys
 

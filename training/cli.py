@@ -94,8 +94,8 @@ def _run_one(job: str, opts: Any) -> tuple[int, dict[str, Any] | None]:
     from training.spec import resolve
 
     try:  # the spec alone first: a typo is reported in a fraction of a second, before torch is imported
-        resolve(job, opts.config, opts.sets, {"train.epochs": opts.epochs, "train.seed": opts.seed,
-                                              "train.device": opts.device})
+        spec = resolve(job, opts.config, opts.sets, {"train.epochs": opts.epochs, "train.seed": opts.seed,
+                                                     "train.device": opts.device})
     except SpecError as exc:
         print(f"deepserve train {job}: error: {exc}", file=sys.stderr)
         return 2, None
@@ -108,7 +108,7 @@ def _run_one(job: str, opts: Any) -> tuple[int, dict[str, Any] | None]:
               file=sys.stderr)
         return 2, None
     try:
-        with process_group(opts.device):
+        with process_group(spec["train"]["device"]):
             summary = run_job(job, opts)
     except SpecError as exc:
         print(f"deepserve train {job}: error: {exc}", file=sys.stderr)

@@ -102,14 +102,15 @@ def run_job(job: str, opts: Options, log: Log = print) -> dict[str, Any]:
     task = make_task(spec, data.num_classes)
     torch.manual_seed(spec["train"]["seed"])
     net = build(spec, torch.as_tensor(data.train.x[:2]), data.num_classes)
-    fitted: FitResult = fit(net, task, data, spec, opts.runs / job, opts.resume, device, fingerprint(spec), log, dist)
+    quiet_log: Log = log if dist.main else (lambda line: None)
+    fitted: FitResult = fit(net, task, data, spec, opts.runs / job, opts.resume, device, fingerprint(spec),
+                            quiet_log, dist)
     net.cpu().eval()
     x_test, y_test = torch.as_tensor(data.test.x), torch.as_tensor(data.test.y)
     test = task.test_metrics(net, x_test, y_test, 512, data.labels)
     sweep_began = time.perf_counter()
-    if kind == "autoencode" and spec["evaluate"]["sweep"]:
-        per_class = sweep(spec, full, device, Dist(), log if dist.main else (lambda s: None),
-                          {spec["data"]["anomaly_class"]: test["auroc"]})
+    if kind == "autoencode" and spec["evaluate"]["sweep"] and dist.main:  # evaluation only: rank 0 alone
+        per_class = sweep(spec, full, device, Dist(), log, {spec["data"]["anomaly_class"]: test["auroc"]})
         test["auroc_per_held_out_class"] = per_class
         test["mean_auroc"] = float(np.mean(list(per_class.values())))
     sweep_seconds = time.perf_counter() - sweep_began

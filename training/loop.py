@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,6 +158,9 @@ def fit(model: nn.Module, task: Any, data: Any, spec: dict[str, Any], run_dir: P
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # A 1-input-channel conv kernel's gradient has an arbitrary (equivalent) stride on its size-1 axis; DDP
+        # warns about it every step, although the values are the same.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     opt = make_optimizer(model.parameters(), t)
     sched = make_schedule(opt, t, steps)
     augment = make_augment(spec)
