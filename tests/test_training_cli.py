@@ -105,16 +105,29 @@ def test_bad_user_data_names_the_array_and_the_expected_shape(capsys, tmp_path: 
     assert snapshot(tmp_path / "models") == {}
 
 
-@pytest.mark.skipif("torch" in sys.modules and __import__("torch").cuda.is_available(), reason="a GPU is present")
 def test_cuda_requested_without_a_gpu(capsys, tmp_path: Path) -> None:
-    pytest.importorskip("torch")
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
     code, err = run_cli(capsys, tmp_path, "digits_cnn", "--device", "cuda", "--epochs", "1")
     assert code == 2 and "--device cuda" in err and "--device cpu" in err
 
 
-def train(tmp: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def start(tmp: Path, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], list[str]]:
     cmd = [sys.executable, "-m", "training", *args, "--repository", str(tmp / "models"), "--runs", str(tmp / "runs")]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, **(env or {})})
+    return proc, cmd
+
+
+def finish(started: tuple[subprocess.Popen[str], list[str]]) -> subprocess.CompletedProcess[str]:
+    proc, cmd = started
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def train(tmp: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return finish(start(tmp, *args, env=env))
 
 
 @pytest.mark.slow
@@ -127,6 +140,12 @@ def test_user_npz_with_other_image_size_and_user_text_folder(tmp_path: Path) -> 
     big = np.kron(x.reshape(-1, 8, 8) / 16.0, np.ones((1, 2, 2)))[:600]  # 16x16 images, labels as names
     path = write_npz(tmp_path / "mine.npz", x=big.astype(np.float32), y=y[:600],
                      labels=np.array([f"digit-{i}" for i in range(10)]))
+    texts = tmp_path / "texts"
+    for label, lines in {"greeting": ["hello there", "good morning", "hi friend", "good evening"] * 5,
+                         "number": ["one two three", "four five six", "seven eight", "nine ten"] * 5}.items():
+        (texts / label).mkdir(parents=True)
+        (texts / label / "part1.txt").write_text("\n".join(lines) + "\n")
+    text_run = start(tmp_path / "t", "langid_transformer", "--data", str(texts), "--epochs", "2")  # side by side
     done = train(tmp_path, "digits_cnn", "--data", str(path), "--epochs", "4")
     assert done.returncode == 0, done.stderr[-2000:]
     model_dir = tmp_path / "models" / "digits_cnn"
@@ -136,14 +155,9 @@ def test_user_npz_with_other_image_size_and_user_text_folder(tmp_path: Path) -> 
     pred = sess.run(["logits"], {"image": big[-200:, None].astype(np.float32)})[0].argmax(1)
     assert (pred == y[400:600]).mean() > 0.6  # 400 of these were training rows, the rest val/test; chance 0.1
 
-    texts = tmp_path / "texts"
-    for label, lines in {"greeting": ["hello there", "good morning", "hi friend", "good evening"] * 5,
-                         "number": ["one two three", "four five six", "seven eight", "nine ten"] * 5}.items():
-        (texts / label).mkdir(parents=True)
-        (texts / label / "part1.txt").write_text("\n".join(lines) + "\n")
-    done = train(tmp_path, "langid_transformer", "--data", str(texts), "--epochs", "2")
+    done = finish(text_run)
     assert done.returncode == 0, done.stderr[-2000:]
-    model_dir = tmp_path / "models" / "langid_transformer"
+    model_dir = tmp_path / "t" / "models" / "langid_transformer"
     assert (model_dir / "labels.txt").read_text().splitlines() == ["greeting", "number"]
     card = json.loads((model_dir / "1" / "card.json").read_text())
     assert card["data"]["lines_per_label"] == {"greeting": 20, "number": 20}
@@ -207,15 +221,15 @@ def test_publish_is_atomic_under_a_crash_and_a_failed_check(tmp_path: Path) -> N
     (old / "labels.txt").write_text("old labels\n")
     before = snapshot(repo)
 
-    # SIGKILL after the new version is fully written but before it is renamed into place.
-    crashed = train(tmp_path, "digits_cnn", "--epochs", "1", env={"DEEPSERVE_CRASH_AT": "publish:staged"})
+    # SIGKILL after the new version is fully written but before it is renamed into place; side by side, a run
+    # whose parity check cannot pass (it must fail the job before anything is written).
+    crash_run = start(tmp_path, "digits_cnn", "--epochs", "1", env={"DEEPSERVE_CRASH_AT": "publish:staged"})
+    failed = train(tmp_path, "digits_cnn", "--epochs", "1", "--set", "export.tolerance=1e-12")
+    crashed = finish(crash_run)
     assert crashed.returncode == -signal.SIGKILL
     assert snapshot(repo) == before
     staged = [p for p in (repo / "digits_cnn").iterdir() if p.name.startswith(".publish-")]
     assert len(staged) == 1 and (staged[0] / "model.onnx").exists()  # the crash really was mid-publish
-
-    # A parity check that cannot pass fails the job before anything is written.
-    failed = train(tmp_path, "digits_cnn", "--epochs", "1", "--set", "export.tolerance=1e-12")
     assert failed.returncode == 1
     assert "parity check failed" in failed.stderr and "nothing published" in failed.stderr
     assert snapshot(repo) == before
