@@ -86,6 +86,11 @@ def train_main(argv: list[str]) -> int:
             print("deepserve train all: --config, --set and --data belong to one job; expected "
                   "`deepserve train JOB ...` for them", file=sys.stderr)
             return 2
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from training.distributed import process_group
+
+            with process_group(opts.device or "cpu"):
+                return _run_all(opts)
         return _run_all(opts)
     return _run_one(args.job, opts)[0]
 
@@ -126,6 +131,8 @@ def _run_all(opts: Any) -> int:
         code, summary = _run_one(job, opts)
         status = status or code
         results.append(_verdict(summary) if summary and "version" in summary else f"{job:<20} FAILED")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return status
     print("\nsummary (test split of each job; times are wall clock on this machine)")
     for line in results:
         print("  " + line)

@@ -18,6 +18,9 @@ def process_group(device: str | None) -> Iterator[None]:
     import torch
     import torch.distributed as dist
 
+    if dist.is_initialized():  # `train all`: one group for all its jobs
+        yield
+        return
     use_cuda = device == "cuda" and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
