@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import numpy as np
@@ -21,6 +22,10 @@ X = np.ones((1, 4), np.float32)
 
 def _stub(server):
     return inference_pb2_grpc.GRPCInferenceServiceStub(server.channel())
+
+
+def _scrape(server) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
 
 
 def _wait(predicate, timeout=30.0, what="condition"):
@@ -155,7 +160,7 @@ def test_sigterm_under_load_loses_no_accepted_request(tmp_path):
 
 def test_deadlines_inflight_limit_and_json_access_log(tmp_path):
     repo = tmp_path / "models"
-    save(slow_model(n=1000, reps=8), repo, "slow", config="max_batch_size: 1\n")  # ~0.5 s a run here
+    save(slow_model(n=1000, reps=60), repo, "slow", config="max_batch_size: 1\n")  # ~0.5 s a run here
     server = Server(repo, "--max-inflight", "3", "--log-format", "json", "--access-log")
     stub = _stub(server)
     stub.ServerReady(pb.ServerReadyRequest())  # the connection is up: the next calls arrive in order
@@ -163,7 +168,9 @@ def test_deadlines_inflight_limit_and_json_access_log(tmp_path):
     try:
         # A request whose gRPC deadline passes while it waits is dropped before it runs.
         long = stub.ModelInfer.future(one, timeout=30)
-        time.sleep(0.02)
+        # The long one must be running before the short ones arrive (on a busy machine 20 ms were not enough).
+        _wait(lambda: 'deepserve_pending_requests{model="slow",version="1"} 1.0' in _scrape(server), 10,
+              "the long request to start")
         short = [stub.ModelInfer.future(one, timeout=0.05) for _ in range(2)]
         for f in short:
             with pytest.raises(grpc.RpcError) as err:
