@@ -35,11 +35,23 @@ def parse_json(text: str, where: str) -> ModelConfig:
         raise ModelLoadError(f"{where}: {exc}") from None
 
 
-def read_config(model_dir: Path) -> ModelConfig:
+def read_config(model_dir: Path, data: bytes | None = None) -> ModelConfig:
+    """The folder's config.pbtxt, or `data` when the caller already read it (the poller's snapshot, so that what
+    is loaded and what is remembered as loaded are the same bytes). No file at all is an empty config."""
     path = model_dir / "config.pbtxt"
-    config = parse_text(path.read_text(), str(path)) if path.exists() else ModelConfig()
+    if data is None and path.is_file():
+        data = path.read_bytes()
+    config = parse_text(decode_text(data, path), str(path)) if data is not None else ModelConfig()
     check(config, model_dir.name)
     return config
+
+
+def decode_text(data: bytes, path: Path) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelLoadError(f"{path} is not valid UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
+                             "save it as UTF-8 text") from None
 
 
 def check(config: ModelConfig, name: str) -> None:
@@ -134,5 +146,5 @@ def read_labels(model_dir: Path, config: ModelConfig) -> dict[str, list[str]]:
             path = model_dir / Path(out.label_filename).name
             if not path.exists():
                 raise ModelLoadError(f"output {out.name!r} label_filename {out.label_filename!r} does not exist")
-            labels[out.name] = path.read_text().splitlines()
+            labels[out.name] = decode_text(path.read_bytes(), path).splitlines()
     return labels

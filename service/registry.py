@@ -87,7 +87,11 @@ class Registry:
             raise NotFound(f"no model folder {name!r} in the repository")
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
-            return await self._load(name, override)
+            try:
+                return await self._load(name, override)
+            except Exception as exc:  # a bug or a surprise in one model's load never takes the server down
+                log.exception("model %s: unexpected load failure", name)
+                return self._failed(self.models.setdefault(name, Model(name)), 0, f"unexpected: {exc}")
 
     async def _load(self, name: str, override: model_config_pb2.ModelConfig | None) -> Model:
         model_dir = self.root / name

@@ -16,7 +16,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 class Source:
     """What a model folder holds right now; equal sources mean nothing to reload."""
 
-    config_text: str
+    config: bytes | None  # config.pbtxt as read (bytes: a file that is not UTF-8 is still a fingerprint)
     versions: tuple[tuple[int, float, int], ...]  # (version, model file mtime, size)
 
 
@@ -53,7 +53,7 @@ def select(policy: model_config_pb2.ModelVersionPolicy, versions: list[int]) -> 
 
 def source(model_dir: Path, filename: str = "model.onnx") -> Source:
     cfg = model_dir / "config.pbtxt"
-    text = cfg.read_text() if cfg.is_file() else ""
+    text = cfg.read_bytes() if cfg.is_file() else None
     vs = []
     for v in version_dirs(model_dir):
         f = model_dir / str(v) / filename

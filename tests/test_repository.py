@@ -30,6 +30,11 @@ BAD = {
                    'dims: [ 4 ] zero_data: true } } } ]\nmax_batch_size: 2\n', "unknown input 'nope'"),
     "bad_graph_level": ('optimization { graph { level: 7 } }\n', "graph.level 7"),
     "syntax_error": ('max_batch_size: "many"\n', "config.pbtxt"),
+    # Latin-1 bytes: not UTF-8. Once this stopped the whole server at start.
+    "bad_utf8": (b'max_batch_size: 4\n# caf\xe9\n', "config.pbtxt is not valid UTF-8"),
+    "warmup_dims": ('max_batch_size: 2\nmodel_warmup [ { name: "w5" batch_size: 1 inputs [ { key: "x" value { '
+                    'data_type: TYPE_FP32 dims: [ 5 ] zero_data: true } }, { key: "y" value { data_type: TYPE_FP32 '
+                    'dims: [ 5 ] zero_data: true } } ] } ]\n', "warmup 'w5' failed"),
 }
 
 GOOD = {
@@ -48,7 +53,9 @@ GOOD = {
 def mixed(tmp_path_factory):
     repo = tmp_path_factory.mktemp("mixed") / "models"
     for name, (config, _) in BAD.items():
-        save(add_sub_model(), repo, name, config=config)
+        save(add_sub_model(), repo, name, config=config if isinstance(config, str) else None)
+        if isinstance(config, bytes):
+            (repo / name / "config.pbtxt").write_bytes(config)
     for name, config in GOOD.items():
         for v in (1, 2, 3) if name in ("latest2", "specific") else (1,):
             save(add_sub_model(scale=float(v)), repo, name, version=v, config=config)
