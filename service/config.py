@@ -64,8 +64,38 @@ def check(config: ModelConfig, name: str) -> None:
     config.platform = "onnxruntime_onnx"
     if config.max_batch_size < 0:
         raise ModelLoadError(f"max_batch_size must be >= 0, got {config.max_batch_size}")
+    unsupported = _unsupported(config)
+    if unsupported:
+        raise ModelLoadError(f"config sets {', '.join(unsupported)}, which deepserve does not support; remove "
+                             f"{'it' if len(unsupported) == 1 else 'them'}")
     if config.HasField("sequence_batching") and not config.sequence_batching.state:
         raise ModelLoadError("sequence_batching without implicit `state` entries is not supported")
+    if config.sequence_batching.oldest.max_candidate_sequences < 0:
+        raise ModelLoadError("sequence_batching.oldest.max_candidate_sequences must be >= 0, got "
+                             f"{config.sequence_batching.oldest.max_candidate_sequences}")
+    for entry in config.input:
+        if entry.format != model_config_pb2.ModelInput.FORMAT_NONE and len(entry.dims) != 3:
+            # As Triton checks it: an image layout names three axes besides the batch axis.
+            raise ModelLoadError(f"config input {entry.name!r}: format "
+                                 f"{model_config_pb2.ModelInput.Format.Name(entry.format)} needs 3 dims, got "
+                                 f"{list(entry.dims)}")
+
+
+def _unsupported(config: ModelConfig) -> list[str]:
+    """Fields of Triton's schema that parse but that deepserve does not implement: set to anything but their
+    default they are a load error naming them, never silently ignored."""
+    found = []
+    if config.dynamic_batching.preserve_ordering:
+        found.append("dynamic_batching.preserve_ordering")
+    sb = config.sequence_batching
+    if sb.direct.minimum_slot_utilization:
+        found.append("sequence_batching.direct.minimum_slot_utilization")
+    if sb.oldest.preserve_ordering:
+        found.append("sequence_batching.oldest.preserve_ordering")
+    for accel in config.optimization.execution_accelerators.gpu_execution_accelerator:
+        if accel.parameters:  # onnxruntime's TensorRT options are not mapped from Triton's names
+            found.append(f"gpu_execution_accelerator {accel.name!r} parameters {sorted(accel.parameters)}")
+    return found
 
 
 def _graph_shape(arg: ort.NodeArg) -> tuple[int, ...]:

@@ -35,6 +35,20 @@ BAD = {
     "warmup_dims": ('max_batch_size: 2\nmodel_warmup [ { name: "w5" batch_size: 1 inputs [ { key: "x" value { '
                     'data_type: TYPE_FP32 dims: [ 5 ] zero_data: true } }, { key: "y" value { data_type: TYPE_FP32 '
                     'dims: [ 5 ] zero_data: true } } ] } ]\n', "warmup 'w5' failed"),
+    # Fields in the schema that deepserve does not implement: named, never silently ignored.
+    "preserve_ordering": ('max_batch_size: 4\ndynamic_batching { preserve_ordering: true }\n',
+                          "dynamic_batching.preserve_ordering"),
+    "slot_utilization": ('max_batch_size: 4\nsequence_batching { direct { minimum_slot_utilization: 0.5 } '
+                         'state [ { input_name: "x" output_name: "sum" data_type: TYPE_FP32 dims: [ 4 ] } ] }\n',
+                         "sequence_batching.direct.minimum_slot_utilization"),
+    "oldest_ordering": ('max_batch_size: 4\nsequence_batching { oldest { preserve_ordering: true } '
+                        'state [ { input_name: "x" output_name: "sum" data_type: TYPE_FP32 dims: [ 4 ] } ] }\n',
+                        "sequence_batching.oldest.preserve_ordering"),
+    "tensorrt_params": ('optimization { execution_accelerators { gpu_execution_accelerator [ { name: "tensorrt" '
+                        'parameters { key: "precision_mode" value: "FP16" } } ] } }\n',
+                        "gpu_execution_accelerator 'tensorrt' parameters ['precision_mode']"),
+    "input_format": ('max_batch_size: 4\ninput [ { name: "x" data_type: TYPE_FP32 format: FORMAT_NCHW '
+                     'dims: [ 4 ] } ]\n', "format FORMAT_NCHW needs 3 dims"),
 }
 
 GOOD = {
