@@ -35,12 +35,10 @@ def parse_json(text: str, where: str) -> ModelConfig:
         raise ModelLoadError(f"{where}: {exc}") from None
 
 
-def read_config(model_dir: Path, data: bytes | None = None) -> ModelConfig:
-    """The folder's config.pbtxt, or `data` when the caller already read it (the poller's snapshot, so that what
-    is loaded and what is remembered as loaded are the same bytes). No file at all is an empty config."""
+def read_config(model_dir: Path, data: bytes | None) -> ModelConfig:
+    """Parse and check config.pbtxt from the bytes the caller read (the poller's snapshot, so that what is loaded
+    and what is remembered as loaded are the same bytes); None, no file, is an empty config to complete."""
     path = model_dir / "config.pbtxt"
-    if data is None and path.is_file():
-        data = path.read_bytes()
     config = parse_text(decode_text(data, path), str(path)) if data is not None else ModelConfig()
     check(config, model_dir.name)
     return config

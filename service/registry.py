@@ -15,7 +15,7 @@ from service.config import check, read_config
 from service.errors import InvalidArgument, ModelLoadError, NotFound, Unavailable
 from service.metrics import Metrics
 from service.models import ModelVersion, load_version
-from service.repository import Source, available_versions, model_names, select, source, version_dirs
+from service.repository import Source, model_names, read_config_bytes, select, source
 
 log = logging.getLogger("deepserve.registry")
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
@@ -97,19 +97,25 @@ class Registry:
         model_dir = self.root / name
         model = self.models.setdefault(name, Model(name))
         loop = asyncio.get_running_loop()
+        # The snapshot comes first and the load works from it: a config or version that changes meanwhile differs
+        # from what is remembered, so the next poll loads it; an unchanged bad config is not retried every poll.
+        data = read_config_bytes(model_dir)
+        model.source = source(model_dir, "model.onnx", data)
         try:
             if override is not None:
                 config, explicit = override, True
                 check(config, name)
             else:
-                config, explicit = read_config(model_dir), (model_dir / "config.pbtxt").is_file()
+                config, explicit = read_config(model_dir, data), data is not None
             filename = config.default_model_filename or "model.onnx"
-            wanted = select(config.version_policy, available_versions(model_dir, filename))
+            if filename != model.source.filename:
+                model.source = source(model_dir, filename, data)
+            wanted = select(config.version_policy, model.source.available)
             if not wanted:
-                found = version_dirs(model_dir)
-                raise ModelLoadError(f"no version to serve: version folders {found or 'none'}, none holds "
-                                     f"{filename}" if not found else f"version policy selects none of {found}")
-            model.source = source(model_dir, filename)
+                found, available = [v for v, _, _ in model.source.versions], model.source.available
+                raise ModelLoadError("no version to serve: " + (
+                    f"version policy selects none of {available}" if available else
+                    f"version folders {found}, none holds {filename}" if found else "no version folder"))
         except ModelLoadError as exc:
             return self._failed(model, 0, str(exc))
         model.state.pop(0, None)
@@ -181,12 +187,12 @@ class Registry:
             log.info("model %s version %d unloaded", mv.name, mv.version)
 
     def changed(self, name: str) -> bool:
+        """Whether the folder differs from the snapshot its last load worked from (loaded or failed)."""
         model = self.models.get(name)
-        if model is None:
+        if model is None or model.source is None:
             return True
+        model_dir = self.root / name
         try:
-            cfg = model.default.config if model.default else None
-            filename = (cfg.default_model_filename if cfg else "") or "model.onnx"
-            return source(self.root / name, filename) != model.source
+            return source(model_dir, model.source.filename, read_config_bytes(model_dir)) != model.source
         except OSError:
             return True

@@ -14,10 +14,17 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 @dataclass(frozen=True)
 class Source:
-    """What a model folder holds right now; equal sources mean nothing to reload."""
+    """What a model folder holds right now; equal sources mean nothing to reload. Taken before a load reads
+    anything, and the load works from it, so a change made during the load is a change on the next poll."""
 
     config: bytes | None  # config.pbtxt as read (bytes: a file that is not UTF-8 is still a fingerprint)
-    versions: tuple[tuple[int, float, int], ...]  # (version, model file mtime, size)
+    filename: str  # the model file the versions were looked for under (config default_model_filename)
+    versions: tuple[tuple[int, float, int], ...]  # (version, model file mtime, size; -1 when absent)
+
+    @property
+    def available(self) -> list[int]:
+        """Versions that hold the model file."""
+        return [v for v, _, size in self.versions if size >= 0]
 
 
 def model_names(root: Path) -> list[str]:
@@ -25,14 +32,6 @@ def model_names(root: Path) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and not p.name.startswith("."))
-
-
-def available_versions(model_dir: Path, filename: str) -> list[int]:
-    out = []
-    for p in model_dir.iterdir():
-        if p.is_dir() and p.name.isdigit() and int(p.name) > 0 and (p / filename).is_file():
-            out.append(int(p.name))
-    return sorted(out)
 
 
 def version_dirs(model_dir: Path) -> list[int]:
@@ -51,12 +50,16 @@ def select(policy: model_config_pb2.ModelVersionPolicy, versions: list[int]) -> 
     return versions[-max(n, 1):]
 
 
-def source(model_dir: Path, filename: str = "model.onnx") -> Source:
+def read_config_bytes(model_dir: Path) -> bytes | None:
     cfg = model_dir / "config.pbtxt"
-    text = cfg.read_bytes() if cfg.is_file() else None
+    return cfg.read_bytes() if cfg.is_file() else None
+
+
+def source(model_dir: Path, filename: str, config: bytes | None) -> Source:
+    """The folder's fingerprint; `config` is config.pbtxt as the caller read it (None: there is none)."""
     vs = []
     for v in version_dirs(model_dir):
         f = model_dir / str(v) / filename
         st = f.stat() if f.is_file() else None
         vs.append((v, st.st_mtime if st else 0.0, st.st_size if st else -1))
-    return Source(text, tuple(vs))
+    return Source(config, filename, tuple(vs))

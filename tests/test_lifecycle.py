@@ -71,6 +71,34 @@ def test_poll_swaps_versions_under_load_and_survives_a_corrupt_one(tmp_path):
     assert server.stop() == 0
 
 
+def _load_failures(server, model: str) -> float:
+    prefix = f'deepserve_model_load_failures_total{{model="{model}"}} '
+    return next((float(line[len(prefix):]) for line in _scrape(server).splitlines() if line.startswith(prefix)), 0.0)
+
+
+def test_poll_counts_a_bad_config_once(tmp_path):
+    repo = tmp_path / "models"
+    for name in ("good", "bad"):
+        save(add_sub_model(), repo, name, config="max_batch_size: 4\n")
+    (repo / "bad" / "config.pbtxt").write_text('max_batch_size: "many"\n')
+    server = Server(repo, "--model-control-mode", "poll", "--repository-poll-secs", "0.1", wait_ready=False)
+    stub = _stub(server)
+    try:
+        server.wait_log("ready:")
+        assert not stub.ServerReady(pb.ServerReadyRequest()).ready  # strict: a model failed
+        time.sleep(1.0)  # ten polls over an unchanged bad config
+        publish(add_sub_model(scale=2.0), repo, "good", 2)  # the poller is alive: it picks this up
+        _wait(lambda: list(stub.ModelMetadata(pb.ModelMetadataRequest(name="good")).versions) == ["2"],
+              what="good version 2")
+        assert _load_failures(server, "bad") == 1
+        assert server.log().count("model bad model failed to load") == 1
+        (repo / "bad" / "config.pbtxt").write_text("max_batch_size: 4\n")  # fixed: noticed and loaded
+        _wait(lambda: stub.ServerReady(pb.ServerReadyRequest()).ready, what="ready once bad is fixed")
+        assert stub.ModelReady(pb.ModelReadyRequest(name="bad")).ready
+    finally:
+        server.stop()
+
+
 def test_explicit_mode_load_unload_and_config_override(tmp_path):
     repo = tmp_path / "models"
     save(add_sub_model(), repo, "a", config="max_batch_size: 8\n")
