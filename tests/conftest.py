@@ -36,6 +36,57 @@ def build_repository(repo: Path) -> Path:
     return repo
 
 
+TYPED_TYPES = [t for t in ALL_TYPES if t != "FP16"]  # every datatype with a typed `contents` field
+EXAMPLE_SCORES = [[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [0.5, 0.0, 4.0], [0.0, 5.0, 1.0]]
+EXAMPLE_LABELS = [0, 1, 2, 0]  # the last example is predicted 1: three right, one wrong
+CLASSIFIER_CONFIG = """
+max_batch_size: 16
+output [ { name: "logits" data_type: TYPE_FP32 dims: [ 3 ] },
+         { name: "probabilities" data_type: TYPE_FP32 dims: [ 3 ] label_filename: "labels.txt" } ]
+"""
+
+
+def build_edge_repository(repo: Path) -> Path:
+    """Models for edge cases, served apart so the shared repository stays as other tests expect it: identity over
+    the typed datatypes, a lookup that fails inside onnxruntime for an out-of-range index, a slow model (one
+    instance, ~0.5 s a run) to see requests in flight, and a classifier published with labels.txt and
+    examples.npz the way training jobs publish them."""
+    import numpy as np
+
+    support.save(support.identity_model(TYPED_TYPES), repo, "typed_identity")
+    support.save(support.add_sub_model(), repo, "nobatch", config="max_batch_size: 0\n"
+                 "input [ { name: \"x\" data_type: TYPE_FP32 dims: [ -1, 4 ] } ]\n")
+    support.save(support.gather_model(), repo, "gather", config="max_batch_size: 8\n")
+    support.save(support.slow_model(n=1000, reps=60), repo, "slow",
+                 config="max_batch_size: 8\ninstance_group [ { count: 1 kind: KIND_CPU } ]\n")
+    d = support.save(support.classifier_model(), repo, "classifier", config=CLASSIFIER_CONFIG).parent
+    (repo / "classifier" / "labels.txt").write_text("cat\ndog\nbird\n")
+    np.savez(d / "examples.npz", scores=np.array(EXAMPLE_SCORES, np.float32), label=np.array(EXAMPLE_LABELS))
+    return repo
+
+
+@pytest.fixture(scope="session")
+def edge_repository(tmp_path_factory) -> Path:
+    return build_edge_repository(tmp_path_factory.mktemp("edge") / "models")
+
+
+@pytest.fixture(scope="session")
+def edge_server(edge_repository):
+    """A server for the edge-case models, with --max-elements 0: no element limit, so the only thing between a
+    huge declared shape and an allocation is the check of the body's size against the shape."""
+    s = support.Server(edge_repository, "--max-elements", "0")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def edge_stub(edge_server):
+    from service._proto import inference_pb2_grpc
+
+    with edge_server.channel() as ch:
+        yield inference_pb2_grpc.GRPCInferenceServiceStub(ch)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_leaked_servers():
     yield

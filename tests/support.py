@@ -302,3 +302,35 @@ def build_request_for(stub, name: str):
         return req
 
     return make
+
+
+def gather_model(size: int = 10) -> onnx.ModelProto:
+    """index INT64 [B,1] -> value FP32 [B,1] = table[index], table = 0, 1.5, 3, ...: an index outside [-size, size)
+    passes every input check and fails inside onnxruntime, at run time."""
+    table = helper.make_tensor("table", TensorProto.FLOAT, [size], [1.5 * i for i in range(size)])
+    i = helper.make_tensor_value_info("index", TensorProto.INT64, ["batch", 1])
+    o = helper.make_tensor_value_info("value", TensorProto.FLOAT, ["batch", 1])
+    node = helper.make_node("Gather", ["table", "index"], ["value"], axis=0)
+    return helper.make_model(helper.make_graph([node], "gather", [i], [o], initializer=[table]))
+
+
+def classifier_model(classes: int = 3) -> onnx.ModelProto:
+    """scores FP32 [B,classes] -> logits (the scores) and probabilities = softmax(scores): the argmax is the
+    largest score, so examples with a known answer are easy to write."""
+    x = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", classes])
+    lo = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])
+    p = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])
+    nodes = [helper.make_node("Identity", ["scores"], ["logits"]),
+             helper.make_node("Softmax", ["scores"], ["probabilities"], axis=-1)]
+    return helper.make_model(helper.make_graph(nodes, "classifier", [x], [lo, p]))
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """/proc/<pid>/status memory lines in bytes: VmRSS (resident now), VmHWM (resident peak), VmPeak (virtual
+    peak), VmSize."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key.startswith("Vm") and rest.strip().endswith("kB"):
+            out[key] = int(rest.split()[0]) * 1024
+    return out

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
+import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import ALL_TYPES
+from conftest import ALL_TYPES, TYPED_TYPES
 from support import outputs, request
 
 from service._proto import inference_pb2 as pb
@@ -40,37 +43,58 @@ def test_model_config_is_completed_from_the_graph(stub):
     assert add.instance_group[0].count == 2 and add.dynamic_batching.max_queue_delay_microseconds == 2000
 
 
-@pytest.mark.parametrize("raw", [True, False])
-def test_every_datatype_round_trips(stub, raw):
+def _samples(types: list[str]) -> dict[str, np.ndarray]:
+    """[2,2] per datatype, with each type's extremes where it has them (what a narrowing conversion would break)."""
     rng = np.random.default_rng(0)
     arrays = {}
-    for t in ALL_TYPES:
+    for t in types:
         if t == "BYTES":
             a = np.array([[b"", b"tab\tnul\x00"], [b"hello", "h\u00e9llo \u65e5\u672c".encode()]], dtype=object)
         elif t == "BOOL":
-            a = rng.random((2, 2)) > 0.5
+            a = np.array([[True, False], [False, True]])
+        elif t in ("FP16", "FP32", "FP64"):
+            dt = np.dtype({"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}[t])
+            a = np.array([[np.finfo(dt).max, np.finfo(dt).tiny], [-0.1, 0.0]], dtype=dt)
+            a[1, 1] = dt.type(rng.random())
         else:
-            dt = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}.get(t) or np.dtype(t.lower())
-            a = (rng.random((2, 2)) * 100).astype(dt)
-        if raw or t != "FP16":  # FP16 has no typed field
-            arrays[f"in_{t}"] = a
-    if not raw:
-        with pytest.raises(Exception) as e:
-            stub.ModelInfer(request("identity", raw=False, **arrays))
-        assert "missing input" in e.value.details() and "in_FP16" in e.value.details()
-        return
-    reply = stub.ModelInfer(request("identity", raw=raw, **arrays))
+            info = np.iinfo(np.dtype(t.lower()))
+            a = np.array([[info.min, info.max], [0, 1 + int(rng.integers(100))]], dtype=info.dtype)
+        arrays[f"in_{t}"] = a
+    return arrays
+
+
+def _check_round_trip(reply, arrays: dict[str, np.ndarray]) -> None:
     got = outputs(reply)
     assert reply.raw_output_contents and not any(o.HasField("contents") for o in reply.outputs)
-    for t in ALL_TYPES:
-        np.testing.assert_array_equal(got[f"out_{t}"], arrays[f"in_{t}"])
-        assert got[f"out_{t}"].shape == (2, 2)
+    assert sorted(got) == sorted(n.replace("in_", "out_") for n in arrays)
+    for name, want in arrays.items():
+        out = got[name.replace("in_", "out_")]
+        assert out.dtype == want.dtype and out.shape == want.shape, (name, out.dtype, out.shape)
+        np.testing.assert_array_equal(out, want)
 
 
-def test_typed_contents(stub):
-    x = np.arange(8, dtype=np.float32).reshape(2, 4)
-    got = outputs(stub.ModelInfer(request("add_sub", raw=False, x=x, y=x)))
-    np.testing.assert_allclose(got["sum"], 2 * x)
+def test_every_datatype_round_trips_raw(stub):
+    arrays = _samples(ALL_TYPES)
+    _check_round_trip(stub.ModelInfer(request("identity", **arrays)), arrays)
+
+
+def test_every_typed_datatype_round_trips_in_typed_contents(edge_stub):
+    """Typed `contents` for each datatype that has a typed field (all but FP16), extremes included: UINT64 max in
+    uint64_contents, INT8 min in int_contents, FP64 max in fp64_contents, non-ASCII BYTES."""
+    arrays = _samples(TYPED_TYPES)
+    req = request("typed_identity", raw=False, **arrays)
+    assert not req.raw_input_contents and all(t.HasField("contents") for t in req.inputs)
+    _check_round_trip(edge_stub.ModelInfer(req), arrays)
+
+
+def test_fp16_in_typed_contents_is_refused_by_name(stub):
+    """FP16 has no typed field: values put in another field get a message that says to send it raw."""
+    req = pb.ModelInferRequest(model_name="identity")
+    req.inputs.add(name="in_FP16", datatype="FP16", shape=[1, 2]).contents.fp32_contents.extend([1.0, 2.0])
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(req)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "model 'identity' input 'in_FP16': FP16 has no typed contents field" in err.value.details()
 
 
 def test_results_match_onnxruntime_and_echo_id_and_subset(stub, repository):
@@ -102,18 +126,48 @@ def test_classification_extension(stub):
     assert [c.decode() for c in outputs(reply)["sum"][0]] == ["0.900000:1:b", "0.300000:2:c"]
 
 
-def test_statistics_count_requests_samples_and_executions(stub):
-    before = stub.ModelStatistics(pb.ModelStatisticsRequest(name="seq")).model_stats[0]
+def _stats(stub, name: str):
+    return stub.ModelStatistics(pb.ModelStatisticsRequest(name=name, version="1")).model_stats[0]
+
+
+def test_statistics_count_requests_samples_executions_and_phases(stub):
+    """seq runs each request alone (dynamic batching without delay, sent one after another): two requests of
+    1 and 3 samples are two executions, one per batch size, each with its input/infer/output phases timed."""
+    before = _stats(stub, "seq")
+    sent_ms = time.time_ns() // 1_000_000
     for n in (1, 3):
         stub.ModelInfer(request("seq", tokens=np.ones((n, 5), np.int64)))
-    st = stub.ModelStatistics(pb.ModelStatisticsRequest(name="seq", version="1")).model_stats[0]
+    st = _stats(stub, "seq")
+    done_ms = time.time_ns() // 1_000_000
+    s0, s = before.inference_stats, st.inference_stats
     assert st.inference_count - before.inference_count == 4
     assert st.execution_count - before.execution_count == 2
-    assert st.inference_stats.success.count - before.inference_stats.success.count == 2
-    assert st.inference_stats.compute_infer.ns > 0 and st.inference_stats.queue.count >= 2
-    assert st.last_inference > 0 and {b.batch_size for b in st.batch_stats} >= {1, 3}
+    assert s.success.count - s0.success.count == 2 and s.success.ns > s0.success.ns
+    assert s.queue.count - s0.queue.count == 2
+    assert s.fail.count == s0.fail.count
+    for phase in ("compute_input", "compute_infer", "compute_output"):
+        now, then = getattr(s, phase), getattr(s0, phase)
+        assert now.count - then.count == 2 and now.ns > then.ns, phase
+    assert sent_ms <= st.last_inference <= done_ms  # milliseconds since the epoch, as Triton reports it
+    old = {b.batch_size: b for b in before.batch_stats}
+    new = {b.batch_size: b for b in st.batch_stats}
+    for size in (1, 3):
+        for phase in ("compute_input", "compute_infer", "compute_output"):
+            now = getattr(new[size], phase)
+            then = getattr(old[size], phase) if size in old else pb.StatisticDuration()
+            assert now.count - then.count == 1 and now.ns > then.ns, (size, phase)
     names = {s.name for s in stub.ModelStatistics(pb.ModelStatisticsRequest()).model_stats}
     assert {"add_sub", "seq", "identity"} <= names
+
+
+def test_statistics_count_a_failed_request(stub):
+    before = _stats(stub, "add_sub").inference_stats
+    with pytest.raises(grpc.RpcError):
+        stub.ModelInfer(request("add_sub", x=np.ones((1, 5), np.float32), y=np.ones((1, 5), np.float32)))
+    after = _stats(stub, "add_sub").inference_stats
+    assert after.fail.count - before.fail.count == 1 and after.fail.ns > before.fail.ns
+    assert after.success.count == before.success.count
+    assert after.compute_infer.count == before.compute_infer.count  # refused before it reached the model
 
 
 def test_repository_index_reports_the_broken_model(stub):
