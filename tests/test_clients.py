@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import ALL_TYPES
 from support import ROOT
 
 TRITON_SCRIPT = r"""
@@ -19,7 +20,7 @@ import json, sys
 import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc as tc
-url, repo = sys.argv[1], sys.argv[2]
+url, repo, TYPES = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 c = tc.InferenceServerClient(url)
 assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("add_sub")
 md = c.get_server_metadata(as_json=True)
@@ -37,21 +38,36 @@ for batch in (1, 3, 8):
     for name, w in zip(("sum", "diff"), want):
         worst = max(worst, float(np.abs(r.as_numpy(name) - w).max()))
     assert r.get_response().id == f"b{batch}"
-# classification (class_count) and BYTES through tritonclient's own codecs
+# classification (class_count)
 inputs = [tc.InferInput("x", [1, 4], "FP32"), tc.InferInput("y", [1, 4], "FP32")]
 inputs[0].set_data_from_numpy(np.array([[0.1, 0.9, 0.3, 0.2]], np.float32))
 inputs[1].set_data_from_numpy(np.zeros((1, 4), np.float32))
 top = c.infer("add_sub", inputs, outputs=[tc.InferRequestedOutput("sum", class_count=2)]).as_numpy("sum")
-s = np.array([["h\u00e9llo".encode(), b"x"]], dtype=np.object_)
-bi = tc.InferInput("in_BYTES", [1, 2], "BYTES"); bi.set_data_from_numpy(s)
-others = []
-for t, dt in (("FP32", np.float32), ("INT64", np.int64), ("BOOL", np.bool_), ("FP16", np.float16)):
-    i = tc.InferInput(f"in_{t}", [1, 2], t); i.set_data_from_numpy(np.ones((1, 2), dt)); others.append(i)
+# every datatype, BYTES included, through tritonclient's own encoders (set_data_from_numpy) and decoders (as_numpy)
+rng = np.random.default_rng(1)
+sent, ins = {}, []
+for t in TYPES:
+    if t == "BYTES":
+        a = np.array([["h\u00e9llo".encode(), b""], [b"tab\tnul\x00", b"x" * 300]], dtype=np.object_)
+    elif t == "BOOL":
+        a = np.array([[True, False], [False, True]])
+    elif t.startswith("FP"):
+        a = (rng.standard_normal((2, 2)) * 1e3).astype({"FP16": np.float16, "FP32": np.float32}.get(t, np.float64))
+    else:
+        info = np.iinfo(np.dtype(t.lower()))
+        a = np.array([[info.min, info.max], [0, 1]], dtype=info.dtype)
+    i = tc.InferInput(f"in_{t}", [2, 2], t); i.set_data_from_numpy(a); ins.append(i); sent[t] = a
+r = c.infer("identity", ins)
+round_trip = {}
+for t, a in sent.items():
+    got = r.as_numpy(f"out_{t}")
+    round_trip[t] = bool(got is not None and got.dtype == a.dtype and got.shape == a.shape
+                         and np.array_equal(got, a)) or f"sent {a!r}, got {got!r}"
 try:
-    c.infer("identity", [bi] + others)
+    c.infer("identity", ins[:3])
     partial = "ok"
 except tc.InferenceServerException as e:
-    partial = e.status()
+    partial = [e.status(), e.message()]
 stats = c.get_inference_statistics("add_sub", as_json=True)["model_stats"][0]
 try:
     c.infer("nope", inputs)
@@ -60,19 +76,22 @@ except tc.InferenceServerException as e:
     nf = e.status()
 print(json.dumps({"ext": md["extensions"], "platform": meta["platform"], "max_batch": cfg["max_batch_size"],
                   "worst": worst, "top": [t.decode() for t in top[0]], "partial": partial,
+                  "round_trip": round_trip,
                   "inference_count": int(stats["inference_count"]), "not_found": nf}))
 """
 
 
 def test_tritonclient_unchanged(server, repository):
-    r = subprocess.run([sys.executable, "-c", TRITON_SCRIPT, server.url, str(repository)], capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", TRITON_SCRIPT, server.url, str(repository), json.dumps(ALL_TYPES)],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     assert got["platform"] == "onnxruntime_onnx" and got["max_batch"] == 8 and "statistics" in got["ext"]
     assert got["worst"] <= 1e-6
     assert got["top"] == ["0.900000:1:b", "0.300000:2:c"]
-    assert got["partial"] == "StatusCode.INVALID_ARGUMENT"  # the identity model needs all its inputs
+    assert got["round_trip"] == {t: True for t in ALL_TYPES}
+    # the identity model needs all its inputs, and says which are missing
+    assert got["partial"][0] == "StatusCode.INVALID_ARGUMENT" and "missing inputs ['in_UINT32'" in got["partial"][1]
     assert got["inference_count"] >= 1 + 3 + 8
     assert got["not_found"] == "StatusCode.NOT_FOUND"
 
@@ -107,6 +126,7 @@ def test_health_per_server_and_model(server):
                 h.Check(health_pb2.HealthCheckRequest(service=name)).status)
 
         assert status("") == "SERVING" and status("liveness") == "SERVING"
+        assert status("inference.GRPCInferenceService") == "SERVING"  # the service's own name, as gRPC expects
         assert status("add_sub") == "SERVING" and status("broken") == "NOT_SERVING"
         with pytest.raises(grpc.RpcError) as err:
             status("no-such-model")
