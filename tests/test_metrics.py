@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import request
+from support import outputs, request
 
 from service._proto import inference_pb2 as pb
 
@@ -23,8 +23,16 @@ def scrape(server) -> dict[tuple[str, tuple], float]:
 
 
 def value(samples, name, **labels) -> float:
+    """The sample's value; a sample that is not exported fails the test (a default would hide a missing metric)."""
     key = (name, tuple(sorted(labels.items())))
-    return samples.get(key, 0.0)
+    assert key in samples, f"{name}{labels} is not exported; exported: " + \
+        ", ".join(sorted({f"{n}{dict(lb)}" for n, lb in samples if n == name})[:10])
+    return samples[key]
+
+
+def value_or_zero(samples, name, **labels) -> float:
+    """For the `before` side of a delta only: a counter child is created on its first increment."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def test_metrics_exist_and_move(server, stub):
@@ -38,7 +46,7 @@ def test_metrics_exist_and_move(server, stub):
     after = scrape(server)
 
     def moved(name, by=None, **labels):
-        delta = value(after, name, **labels) - value(before, name, **labels)
+        delta = value(after, name, **labels) - value_or_zero(before, name, **labels)
         assert (delta == by) if by is not None else delta > 0, (name, labels, delta)
 
     moved("deepserve_requests_total", 2, code="OK", **mv)
@@ -53,6 +61,10 @@ def test_metrics_exist_and_move(server, stub):
     moved("deepserve_grpc_requests_total", 1, method="ModelInfer", code="INVALID_ARGUMENT")
     moved("deepserve_grpc_request_duration_seconds_count", method="ModelInfer")
     assert value(after, "deepserve_pending_requests", **mv) == 0
+    for quantity in ("request", "queue", "compute"):
+        assert value(after, f"deepserve_{quantity}_duration_seconds_sum", **mv) > 0
+        assert value(after, f"deepserve_{quantity}_duration_seconds_bucket", le="+Inf", **mv) == \
+            value(after, f"deepserve_{quantity}_duration_seconds_count", **mv)
     assert value(after, "deepserve_model_load_duration_seconds", **mv) > 0
     assert value(after, "deepserve_model_info", platform="onnxruntime_onnx",
                  execution_provider="CPUExecutionProvider", **mv) == 1
@@ -67,3 +79,19 @@ def test_statistics_rpc_agrees_with_metrics(server, stub):
     assert st.execution_count == value(m, "deepserve_executions_total", model="nobatch", version="1")
     assert st.inference_stats.success.count == value(m, "deepserve_requests_total", model="nobatch", version="1",
                                                      code="OK")
+
+
+def test_pending_requests_counts_requests_in_flight(edge_server, edge_stub):
+    """The slow model has one instance and runs ~0.5 s a request: three sent at once are in flight together for
+    about a second, so a scrape taken meanwhile sees them pending; once all are answered, none is."""
+    mv = {"model": "slow", "version": "1"}
+    assert value(scrape(edge_server), "deepserve_pending_requests", **mv) == 0
+    x = np.ones((1, 1), np.float32)
+    calls = [edge_stub.ModelInfer.future(request("slow", x=x), timeout=120) for _ in range(3)]
+    seen = []
+    while not all(c.done() for c in calls):
+        seen.append(value(scrape(edge_server), "deepserve_pending_requests", **mv))
+    for c in calls:
+        np.testing.assert_array_equal(outputs(c.result())["y"], x)
+    assert max(seen, default=0) >= 1, seen
+    assert value(scrape(edge_server), "deepserve_pending_requests", **mv) == 0
