@@ -28,6 +28,9 @@ class Model:
     state: dict[int, tuple[str, str]] = field(default_factory=dict)  # version -> (state, reason); 0 = the model
     default: ModelVersion | None = None  # the highest ready version: what a request without a version gets
     source: Source | None = None
+    # Should serve: False once unloaded by request or its folder removed. As in Triton, such a model no longer
+    # counts against server readiness; a (re)load makes it wanted again.
+    wanted: bool = True
 
     def refresh_default(self) -> None:
         self.default = self.ready[max(self.ready)] if self.ready else None
@@ -70,7 +73,8 @@ class Registry:
 
     @property
     def all_ready(self) -> bool:
-        return all(m.default is not None for m in self.models.values())
+        """Every model that should serve does (ServerReady with --strict-readiness)."""
+        return all(m.default is not None for m in self.models.values() if m.wanted)
 
     def versions(self):
         for model in self.models.values():
@@ -96,6 +100,7 @@ class Registry:
     async def _load(self, name: str, override: model_config_pb2.ModelConfig | None) -> Model:
         model_dir = self.root / name
         model = self.models.setdefault(name, Model(name))
+        model.wanted = True
         loop = asyncio.get_running_loop()
         # The snapshot comes first and the load works from it: a config or version that changes meanwhile differs
         # from what is remembered, so the next poll loads it; an unchanged bad config is not retried every poll.
@@ -162,17 +167,18 @@ class Registry:
                                                                                                    reason)
         return model
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, why: str = "unloaded") -> None:
         model = self.models.get(name)
         if model is None:
             raise NotFound(f"unknown model {name!r}")
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
+            model.wanted = False
             retired = list(model.ready.values())
             model.ready, model.default = {}, None
             model.state = {mv.version: (UNLOADING, "") for mv in retired}
             await self._retire(retired)
-            model.state = {v: (UNAVAILABLE, "unloaded") for v in model.state}
+            model.state = {v: (UNAVAILABLE, why) for v in model.state} or {0: (UNAVAILABLE, why)}
 
     async def _retire(self, versions: list[ModelVersion]) -> None:
         """Let each version answer what it accepted, then free it."""

@@ -170,9 +170,9 @@ async def _poll(registry: Registry, state: ServerState, every: float) -> None:
                     log.info("repository change: (re)loading %s", name)
                     await registry.load(name)
             for name in sorted(set(registry.models) - on_disk):
-                if registry.models[name].ready:
+                if registry.models[name].wanted:  # serving or failed: either way it no longer should serve
                     log.info("repository change: %s removed, unloading", name)
-                    await registry.unload(name)
+                    await registry.unload(name, "removed from the repository")
             state.refresh_health()
         except Exception:
             log.exception("repository poll failed; serving what is loaded")

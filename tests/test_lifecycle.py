@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,25 +77,36 @@ def _load_failures(server, model: str) -> float:
     return next((float(line[len(prefix):]) for line in _scrape(server).splitlines() if line.startswith(prefix)), 0.0)
 
 
-def test_poll_counts_a_bad_config_once(tmp_path):
+def test_poll_counts_a_bad_config_once_and_forgets_removed_models(tmp_path):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     repo = tmp_path / "models"
-    for name in ("good", "bad"):
+    for name in ("good", "bad", "gone"):
         save(add_sub_model(), repo, name, config="max_batch_size: 4\n")
-    (repo / "bad" / "config.pbtxt").write_text('max_batch_size: "many"\n')
+    for name in ("bad", "gone"):
+        (repo / name / "config.pbtxt").write_text('max_batch_size: "many"\n')
     server = Server(repo, "--model-control-mode", "poll", "--repository-poll-secs", "0.1", wait_ready=False)
     stub = _stub(server)
+    health = health_pb2_grpc.HealthStub(server.channel())
+    serving = health_pb2.HealthCheckResponse.SERVING
     try:
         server.wait_log("ready:")
-        assert not stub.ServerReady(pb.ServerReadyRequest()).ready  # strict: a model failed
+        assert not stub.ServerReady(pb.ServerReadyRequest()).ready  # strict: two models failed
         time.sleep(1.0)  # ten polls over an unchanged bad config
         publish(add_sub_model(scale=2.0), repo, "good", 2)  # the poller is alive: it picks this up
         _wait(lambda: list(stub.ModelMetadata(pb.ModelMetadataRequest(name="good")).versions) == ["2"],
               what="good version 2")
-        assert _load_failures(server, "bad") == 1
+        assert _load_failures(server, "bad") == 1 and _load_failures(server, "gone") == 1
         assert server.log().count("model bad model failed to load") == 1
         (repo / "bad" / "config.pbtxt").write_text("max_batch_size: 4\n")  # fixed: noticed and loaded
+        shutil.rmtree(repo / "gone")  # removed while failing: no longer counts against readiness
         _wait(lambda: stub.ServerReady(pb.ServerReadyRequest()).ready, what="ready once bad is fixed")
         assert stub.ModelReady(pb.ModelReadyRequest(name="bad")).ready
+        shutil.rmtree(repo / "good")  # a serving model removed: unloaded, and the server stays ready
+        _wait(lambda: not stub.ModelReady(pb.ModelReadyRequest(name="good")).ready, what="good unloaded")
+        assert stub.ServerReady(pb.ServerReadyRequest()).ready
+        assert health.Check(health_pb2.HealthCheckRequest()).status == serving
+        assert health.Check(health_pb2.HealthCheckRequest(service="good")).status != serving
     finally:
         server.stop()
 
@@ -127,8 +139,9 @@ def test_explicit_mode_load_unload_and_config_override(tmp_path):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert stub.ModelReady(pb.ModelReadyRequest(name="a")).ready  # a failed reload keeps it serving
         script = ("import sys, tritonclient.grpc as tc\nc = tc.InferenceServerClient(sys.argv[1])\n"
-                  "c.unload_model('a')\nassert not c.is_model_ready('a')\nc.load_model('a')\n"
-                  "assert c.is_model_ready('a')\n"
+                  "c.unload_model('a')\nassert not c.is_model_ready('a')\n"
+                  "assert c.is_server_ready(), 'an unloaded model must not count against readiness'\n"
+                  "c.load_model('a')\nassert c.is_model_ready('a')\n"
                   "print(sorted((m.name, m.state) for m in c.get_model_repository_index().models))")
         r = subprocess.run([sys.executable, "-c", script, server.url], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
