@@ -226,12 +226,12 @@ class Servicer:
             override = None
             if "config" in request.parameters:
                 override = parse_json(request.parameters["config"].string_param, "parameter config")
-            model = await self.registry.load(request.model_name, override)
+            result = await self.registry.load(request.model_name, override)
         except ModelLoadError as exc:
             raise InvalidArgument(f"failed to load {request.model_name!r}: {exc}") from None
-        if model.default is None:
-            raise InvalidArgument(f"failed to load {request.model_name!r}: {self.registry.reason(model)}")
         self.state.refresh_health()
+        if result.failures:  # even when an older version still serves: the load asked for did not happen
+            raise InvalidArgument(result.error())
         return pb.RepositoryModelLoadResponse()
 
     @rpc

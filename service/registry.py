@@ -36,6 +36,21 @@ class Model:
         self.default = self.ready[max(self.ready)] if self.ready else None
 
 
+@dataclass
+class LoadResult:
+    """What one (re)load did. A load that fails only partly still leaves the old versions serving, which is why
+    a caller must look here and not only at whether something serves (RepositoryModelLoad answers an error)."""
+
+    model: Model
+    failures: list[str] = field(default_factory=list)  # "model: why" / "version N: why"; empty: all loaded
+
+    def error(self) -> str:
+        serving = sorted(self.model.ready)
+        still = f"; still serving version{'s' * (len(serving) > 1)} {', '.join(map(str, serving))}" if serving \
+            else ""
+        return f"failed to load {self.model.name!r}: {'; '.join(self.failures)}{still}"
+
+
 class Registry:
     def __init__(self, root: Path, metrics: Metrics, cores: int = 0) -> None:
         self.root = root
@@ -84,9 +99,9 @@ class Registry:
     def names_on_disk(self) -> list[str]:
         return model_names(self.root)
 
-    async def load(self, name: str, override: model_config_pb2.ModelConfig | None = None) -> Model:
+    async def load(self, name: str, override: model_config_pb2.ModelConfig | None = None) -> LoadResult:
         """(Re)load every version the policy selects. New versions warm up beside the serving ones and then take
-        the traffic; a version that fails keeps its serving predecessor. Raises ModelLoadError if nothing serves."""
+        the traffic; a version that fails keeps its serving predecessor. Raises NotFound for no such folder."""
         if name not in self.names_on_disk():
             raise NotFound(f"no model folder {name!r} in the repository")
         lock = self._locks.setdefault(name, asyncio.Lock())
@@ -95,9 +110,10 @@ class Registry:
                 return await self._load(name, override)
             except Exception as exc:  # a bug or a surprise in one model's load never takes the server down
                 log.exception("model %s: unexpected load failure", name)
-                return self._failed(self.models.setdefault(name, Model(name)), 0, f"unexpected: {exc}")
+                model = self.models.setdefault(name, Model(name))
+                return LoadResult(model, [self._failed(model, 0, f"unexpected: {exc}")])
 
-    async def _load(self, name: str, override: model_config_pb2.ModelConfig | None) -> Model:
+    async def _load(self, name: str, override: model_config_pb2.ModelConfig | None) -> LoadResult:
         model_dir = self.root / name
         model = self.models.setdefault(name, Model(name))
         model.wanted = True
@@ -122,8 +138,9 @@ class Registry:
                     f"version policy selects none of {available}" if available else
                     f"version folders {found}, none holds {filename}" if found else "no version folder"))
         except ModelLoadError as exc:
-            return self._failed(model, 0, str(exc))
+            return LoadResult(model, [self._failed(model, 0, str(exc))])
         model.state.pop(0, None)
+        result = LoadResult(model)
         new: dict[int, ModelVersion] = {}
         for v in wanted:
             model.state[v] = (LOADING, "")
@@ -131,11 +148,11 @@ class Registry:
                 mv = await loop.run_in_executor(None, load_version, model_dir, v, config, explicit, self.metrics,
                                                 self.cores)
             except ModelLoadError as exc:
-                self._failed(model, v, str(exc))
+                result.failures.append(self._failed(model, v, str(exc)))
                 continue
             except Exception as exc:  # a bug or an onnxruntime surprise: still never take the server down
                 log.exception("model %s version %d: unexpected load failure", name, v)
-                self._failed(model, v, f"unexpected: {exc}")
+                result.failures.append(self._failed(model, v, f"unexpected: {exc}"))
                 continue
             mv.batcher = Batcher(f"{name}:{v}", mv.instances, mv.config, mv.recorder)
             mv.batcher.start()
@@ -145,7 +162,7 @@ class Registry:
             model.state[v] = (READY, "")
             self.metrics.model_info.labels(name, str(v), mv.config.platform, mv.providers[0]).set(1)
         old = model.ready
-        failed = len(new) < len(wanted)
+        failed = bool(result.failures)
         # Old versions give way only to a complete load: if any wanted version failed, whatever served before
         # and was not replaced keeps serving (a corrupt v3 never takes v2 down).
         keep = {v: mv for v, mv in old.items() if v not in new and (failed or v in wanted)}
@@ -156,16 +173,17 @@ class Registry:
             if mv.version not in wanted:
                 model.state.pop(mv.version, None)
         await self._retire(retired)
-        return model
+        return result
 
-    def _failed(self, model: Model, version: int, reason: str) -> Model:
+    def _failed(self, model: Model, version: int, reason: str) -> str:
+        """Record a failure where RepositoryIndex, ModelReady, the log and the metric show it; returns it."""
         what = "model" if version == 0 else f"version {version}"
         log.error("model %s %s failed to load: %s", model.name, what, reason)
         self.metrics.load_failures.labels(model.name).inc()
-        serving = model.ready.get(version)
+        serving = model.ready if version == 0 else model.ready.get(version)
         model.state[version] = (READY, f"reload failed, still serving: {reason}") if serving else (UNAVAILABLE,
                                                                                                    reason)
-        return model
+        return f"{what}: {reason}"
 
     async def unload(self, name: str, why: str = "unloaded") -> None:
         model = self.models.get(name)

@@ -138,10 +138,28 @@ def test_explicit_mode_load_unload_and_config_override(tmp_path):
             stub.RepositoryModelLoad(bad)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert stub.ModelReady(pb.ModelReadyRequest(name="a")).ready  # a failed reload keeps it serving
+        # Valid JSON, invalid config, for a model that serves: the reload fails, the call says so and why, and the
+        # old version keeps serving with its old config.
+        for config, why in (({"max_batch_size": -1}, "max_batch_size must be >= 0"),
+                            ({"max_batch_size": 8, "input": [{"name": "zzz", "data_type": "TYPE_FP32", "dims": [4]}]},
+                             "'zzz' is not in the model")):
+            bad = pb.RepositoryModelLoadRequest(model_name="a")
+            bad.parameters["config"].string_param = json.dumps(config)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.RepositoryModelLoad(bad)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in err.value.details(), why
+            assert "still serving version 1" in err.value.details()
+            assert stub.ModelConfig(pb.ModelConfigRequest(name="a")).config.max_batch_size == 8
+            assert outputs(stub.ModelInfer(request("a", x=X, y=X)))["sum"][0, 0] == 2.0
+        index = {(m.name, m.version): m for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models}
+        assert index[("a", "1")].state == "READY"
         script = ("import sys, tritonclient.grpc as tc\nc = tc.InferenceServerClient(sys.argv[1])\n"
                   "c.unload_model('a')\nassert not c.is_model_ready('a')\n"
                   "assert c.is_server_ready(), 'an unloaded model must not count against readiness'\n"
                   "c.load_model('a')\nassert c.is_model_ready('a')\n"
+                  "try:\n    c.load_model('a', config='{\"max_batch_size\": -1}')\n"
+                  "    raise SystemExit('load_model reported success for a failed load')\n"
+                  "except tc.InferenceServerException as e:\n    assert 'max_batch_size' in str(e), e\n"
                   "print(sorted((m.name, m.state) for m in c.get_model_repository_index().models))")
         r = subprocess.run([sys.executable, "-c", script, server.url], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
