@@ -1,27 +1,25 @@
 """`deepserve serve` options. Every flag can also come from the environment as DEEPSERVE_<FLAG> (containers and
-Kubernetes set env vars more easily than arguments); a flag on the command line wins."""
+Kubernetes set env vars more easily than arguments). An env value goes through the same type and choice checks as
+the flag (a bad one is a usage error naming the variable, exit 2), and a flag on the command line wins: a list given
+on the command line (--load-model) replaces the env's list instead of adding to it."""
 
 from __future__ import annotations
 
 import argparse
 import os
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
-def _env(dest: str, default):
-    value = os.environ.get(f"DEEPSERVE_{dest.upper()}")
-    if value is None:
-        return default
-    if isinstance(default, bool):
-        return value.lower() in ("1", "true", "yes", "on")
-    if isinstance(default, list):
-        return [v for v in value.split(",") if v]
-    return type(default)(value) if default is not None else value
+
+def env_name(dest: str) -> str:
+    return f"DEEPSERVE_{dest.upper()}"
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deepserve serve", description="Serve a model repository over gRPC "
                                 "(Open Inference Protocol / Triton) with onnxruntime. Each flag is also an "
-                                "environment variable DEEPSERVE_<FLAG>, e.g. DEEPSERVE_GRPC_PORT.",
+                                "environment variable DEEPSERVE_<FLAG>, e.g. DEEPSERVE_GRPC_PORT (lists "
+                                "comma-separated); the command line wins.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     def add(flag: str, default, help: str, **kw) -> None:
@@ -32,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
             kw.setdefault("action", "append")
         elif default is not None:
             kw.setdefault("type", type(default))
-        p.add_argument(flag, dest=dest, default=_env(dest, default), help=help, **kw)
+        p.add_argument(flag, dest=dest, default=default, help=help, **kw)
 
     add("--repository", "models", "model repository folder (Triton layout)")
     add("--host", "0.0.0.0", "address to bind, gRPC and metrics")
@@ -66,8 +64,43 @@ def parser() -> argparse.ArgumentParser:
 def parse(argv: list[str]) -> argparse.Namespace:
     p = parser()
     args = p.parse_args(argv)
+    given = _given(argv)
+    for action in p._actions:
+        if action.dest in given or argparse.SUPPRESS in (action.default, action.help):  # -h, --reuse-port
+            continue
+        value = os.environ.get(env_name(action.dest))
+        if value is not None:
+            setattr(args, action.dest, _from_env(p, action, value))
     if bool(args.tls_cert) != bool(args.tls_key):
         p.error("--tls-cert and --tls-key go together")
     if args.tls_ca and not args.tls_cert:
         p.error("--tls-ca (mutual TLS) needs --tls-cert and --tls-key")
     return args
+
+
+def _given(argv: list[str]) -> set[str]:
+    """The options on the command line: parsed again with no defaults, so only what was given is set."""
+    p = parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def _from_env(p: argparse.ArgumentParser, action: argparse.Action, value: str):
+    """Convert and check an env value as argparse would the flag's, or stop with a usage error naming it."""
+    where = f"{env_name(action.dest)}={value!r} (for {action.option_strings[0]})"
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if value.lower() not in _TRUE + _FALSE:
+            p.error(f"{where}: expected one of {', '.join(_TRUE)} / {', '.join(_FALSE[:-1])}")
+        return value.lower() in _TRUE
+    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(action.default, list) else [value]
+    out = []
+    for item in items:
+        try:
+            v = action.type(item) if action.type else item
+        except (TypeError, ValueError):
+            p.error(f"{where}: invalid {getattr(action.type, '__name__', 'value')} value: {item!r}")
+        if action.choices is not None and v not in action.choices:
+            p.error(f"{where}: invalid choice: {item!r} (choose from {', '.join(map(repr, action.choices))})")
+        out.append(v)
+    return out if isinstance(action.default, list) else out[0]
