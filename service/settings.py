@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
     add("--load-model", [], "model to load at start in explicit mode (repeatable; '*' for all)")
     add("--strict-readiness", True, "ServerReady (and health) only when every model that should load is ready")
     add("--workers", 1, "server processes sharing the gRPC port (SO_REUSEPORT): one event loop per core; "
-        "metrics and statistics cover all of them")
+        "metrics and statistics cover all of them; not with --model-control-mode explicit")
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set by the supervisor
     add("--max-inflight", 2048, "server-wide limit of inference requests in flight; beyond it UNAVAILABLE at once")
     add("--max-message-bytes", 64 * 1024 * 1024, "largest gRPC message accepted or sent")
@@ -75,6 +75,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.error("--tls-cert and --tls-key go together")
     if args.tls_ca and not args.tls_cert:
         p.error("--tls-ca (mutual TLS) needs --tls-cert and --tls-key")
+    if args.workers > 1 and args.model_control_mode == "explicit":
+        p.error("--workers > 1 cannot be combined with --model-control-mode explicit: a load or unload call reaches "
+                "only the one worker that answers it, so workers would serve different models; use one worker, or "
+                "poll mode (every worker rescans the repository)")
     return args
 
 

@@ -62,6 +62,14 @@ def test_env_values_are_typed_and_the_command_line_wins(monkeypatch):
     assert args.drain_secs == 2.5  # not on the command line: the environment still counts
 
 
+def test_workers_with_explicit_model_control_is_refused(monkeypatch, capsys):
+    # load/unload RPCs would reach one worker of N: the others would keep serving the old set.
+    err = _refused(monkeypatch, capsys, {}, ["--workers", "2", "--model-control-mode", "explicit"])
+    assert "--workers" in err and "explicit" in err
+    err = _refused(monkeypatch, capsys, {"DEEPSERVE_WORKERS": "3"}, ["--model-control-mode", "explicit"])
+    assert "--workers" in err and "explicit" in err
+
+
 def test_a_bad_env_value_stops_the_real_cli_with_exit_2_and_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--repository", str(tmp_path)], cwd=ROOT,
                        env={**_clean_env(), "DEEPSERVE_MAX_INFLIGHT": "lots"}, capture_output=True, text=True,
