@@ -1,43 +1,56 @@
 """The scheduler of one model version: a queue, N onnxruntime instances, and Triton's dynamic batching semantics.
 
-Requests wait in one queue. Whenever an instance is free, the scheduler forms a batch from the oldest request and
-the queued requests whose non-batch shapes equal its own (up to max_batch_size rows; preferred sizes and
-max_queue_delay honoured), and runs it in an executor thread: merge with np.concatenate, run, split by slicing,
-all off the event loop. While every instance is busy requests pile up, so load itself makes batches bigger.
-Without dynamic_batching every request runs alone through the same path."""
+Requests wait in one queue. Whenever an instance is free, the oldest request and the queued requests whose
+non-batch shapes equal its own form a batch (up to max_batch_size rows; preferred sizes and max_queue_delay
+honoured): merge with np.concatenate, run, split by slicing. Without dynamic_batching every request runs alone
+through the same path.
+
+Scheduling is done by loop callbacks, not by a scheduler task: an arrival that completes a batch schedules a
+dispatch with call_soon, an incomplete one leaves a single timer armed for the head's max_queue_delay, and an
+executor thread that finishes hands its instance back with call_soon_threadsafe. Per request that is one future
+and no task wake-up, which matters when the whole request path must fit in a few hundred microseconds.
+
+Two measured policies on top of Triton's:
+- Inline runs: a model whose runs take less than INLINE_MAX_NS runs on the event loop thread itself; handing
+  a 50 us run to a thread and back costs two thread wake-ups and more CPU than the run. Slower ones run in
+  executor threads (onnxruntime releases the GIL), with hysteresis between the two.
+- Adaptive delay: max_queue_delay is an upper bound. When requests arrive further apart than the delay, waiting
+  cannot find a partner and only adds latency, so a lone request runs at once (parameter
+  `adaptive_queue_delay: "false"` restores Triton's always-wait behaviour)."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 from service._proto import model_config_pb2
 from service.errors import ServingError, Unavailable
-from service.runtime import Instance
+from service.runtime import Instance, param
 from service.stats import Recorder
 
-log = logging.getLogger("deepserve.batcher")
 Outputs = dict[str, np.ndarray]
 REJECT = model_config_pb2.ModelQueuePolicy.TimeoutAction.REJECT
 INLINE_MAX_NS = 250_000
+GAP_WEIGHT = 0.2  # weight of the newest inter-arrival gap in its moving average
 
 
 class Pending:
-    __slots__ = ("feeds", "rows", "key", "future", "enqueued", "timer")
+    __slots__ = ("feeds", "rows", "key", "future", "enqueued", "deadline", "timer")
 
-    def __init__(self, feeds: dict[str, np.ndarray], rows: int, key: tuple, future: asyncio.Future) -> None:
-        self.feeds, self.rows, self.key, self.future = feeds, rows, key, future
-        self.enqueued = time.perf_counter_ns()
+    def __init__(self, feeds: dict[str, np.ndarray], rows: int, key: tuple, future: asyncio.Future | None,
+                 enqueued: int, deadline: int = 0) -> None:
+        self.feeds, self.rows, self.key, self.future, self.enqueued = feeds, rows, key, future, enqueued
+        self.deadline = deadline  # until when its batch may wait for company (perf_counter_ns)
         self.timer: asyncio.TimerHandle | None = None
 
 
 class ExecutionError(ServingError):
-    """onnxruntime failed on a batch; grpc_api turns it into INTERNAL with the request id."""
+    """onnxruntime failed on a batch: a server-side failure (INTERNAL); grpc_api answers it with a short message
+    and the request id, the details go to the log."""
 
 
 class Batcher:
@@ -57,120 +70,130 @@ class Batcher:
             if strategy:
                 dyn.preferred_batch_size.extend(strategy.preferred_batch_size)
         self.batching = dyn is not None and self.max_batch > 0
-        self.delay_ns = dyn.max_queue_delay_microseconds * 1000 if dyn else 0
+        self.delay_ns = dyn.max_queue_delay_microseconds * 1000 if self.batching and dyn else 0
         self.preferred = sorted(p for p in dyn.preferred_batch_size if 0 < p <= self.max_batch) if dyn else []
         policy = dyn.default_queue_policy if dyn else model_config_pb2.ModelQueuePolicy()
         self.max_queue = policy.max_queue_size
         self.default_timeout_us = policy.default_timeout_microseconds
         self.reject_on_timeout = policy.timeout_action == REJECT
         self.target = (self.preferred[-1] if self.preferred else self.max_batch) if self.batching else 1
-        # Runs measured shorter than this go inline on the event loop: handing a 50 us run to a thread and back
-        # costs two thread wake-ups and more CPU than the run. Longer ones (with hysteresis) use executor threads.
-        self.inline_max_ns = int(config.parameters["inline_max_us"].string_value) * 1000 \
-            if "inline_max_us" in config.parameters else INLINE_MAX_NS
+        self.adaptive = param(config, "adaptive_queue_delay", "true").lower() not in ("0", "false", "no", "off")
+        self.inline_max_ns = int(param(config, "inline_max_us", str(INLINE_MAX_NS // 1000))) * 1000
         self.run_ns: float | None = None  # moving average of onnxruntime's run time per execution
         self.inline = False
         self.queue: deque[Pending] = deque()
+        self.queued_rows = 0  # rows in the queue, live or not: only an upper bound for "a batch is complete"
         self.executor = ThreadPoolExecutor(max_workers=len(instances), thread_name_prefix=f"ort-{name}")
-        self._arrived = asyncio.Event()
-        self._freed = asyncio.Event()
-        self._task: asyncio.Task | None = None
-        self._running: set[asyncio.Task] = set()  # scheduled batches, referenced until done
+        self.closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the head's max_queue_delay
+        self._soon = False  # a dispatch is already scheduled for this loop iteration
+        self._last_arrival = 0
+        self._gap_ns: float | None = None  # moving average of the time between arrivals
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._schedule(), name=f"batcher-{self.name}")
+        self._loop = asyncio.get_running_loop()
 
     async def stop(self) -> None:
         """Let queued and running work finish, then stop (used when a version is unloaded or replaced)."""
         while self.queue or len(self.free) < len(self.instances):
+            self._drop_dead()
             await asyncio.sleep(0.005)
-        if self._task:
-            self._task.cancel()
+        self.closed = True
         self.executor.shutdown(wait=False)
 
     async def submit(self, feeds: dict[str, np.ndarray], rows: int, timeout_us: int = 0) -> Outputs:
         """Queue one request and wait for its rows of the outputs."""
+        if self.closed:
+            raise Unavailable(f"model {self.name!r}: this version was unloaded; retry")
         if self.max_queue and len(self.queue) >= self.max_queue:
             raise Unavailable(f"model {self.name!r}: queue full ({self.max_queue} requests waiting); retry later")
-        loop = asyncio.get_running_loop()
-        if not self.queue and self.free and not self.delay_ns and not timeout_us:
-            return await self._run_now(feeds, rows)
-        key = tuple(a.shape[1:] for a in feeds.values()) if self.batching else ()
-        p = Pending(feeds, rows, key, loop.create_future())
+        now = time.perf_counter_ns()
         timeout_us = timeout_us or self.default_timeout_us
+        if not self.batching and self.inline and not self.queue and self.free and not timeout_us:
+            # idle fast path: no partner is possible and nothing is queued, so run right here
+            return self._run_inline(self.free.pop(), [Pending(feeds, rows, (), None, now)])[0]
+        loop = self._loop
+        p = Pending(feeds, rows, tuple(a.shape[1:] for a in feeds.values()) if self.batching else (),
+                    loop.create_future(), now, now + self._delay(now))
         if timeout_us and self.reject_on_timeout:
             p.timer = loop.call_later(timeout_us / 1e6, self._expire, p, timeout_us)
         self.queue.append(p)
-        self._arrived.set()
+        self.queued_rows += rows
+        self._kick()
         try:
             return await p.future
         finally:
             if p.timer:
                 p.timer.cancel()
 
-    async def _run_now(self, feeds: dict[str, np.ndarray], rows: int) -> Outputs:
-        """Idle fast path: nothing queued, an instance free and no delay to wait for, so no batch could form.
-        Run from this request's own coroutine, without waking the scheduler. (Measured: sending batching models
-        through the scheduler anyway, to gather what one loop tick decoded, made small models slower; batches
-        form where they pay, when instances are busy.)"""
-        return (await self._run_batch(self.free.pop(), [Pending(feeds, rows, (), None)]))[0]
+    def _delay(self, now: int) -> int:
+        """How long a request arriving now may wait for company: max_queue_delay, or (adaptive) nothing while
+        requests have been arriving further apart than the delay, since waiting would find no partner. Without
+        a delay its batch is what arrived in the same event-loop iteration."""
+        if not self.delay_ns or not self.adaptive:
+            return self.delay_ns
+        if self._last_arrival:
+            gap = min(now - self._last_arrival, 4 * self.delay_ns)  # one idle spell must not dominate the mean
+            self._gap_ns = gap if self._gap_ns is None else self._gap_ns + GAP_WEIGHT * (gap - self._gap_ns)
+        self._last_arrival = now
+        return self.delay_ns if self._gap_ns is None or self._gap_ns < self.delay_ns else 0
 
     def _expire(self, p: Pending, timeout_us: int) -> None:
         if not p.future.done():
             p.future.set_exception(Unavailable(f"model {self.name!r}: request timed out after {timeout_us} us "
                                                "in the queue"))
 
-    async def _schedule(self) -> None:
-        while True:
-            while self.queue and self.queue[0].future.done():  # cancelled by its client, or timed out
-                self.queue.popleft()
-            if not self.queue:
-                self._arrived.clear()
-                await self._arrived.wait()
-                continue
-            if not self.free:
-                self._freed.clear()
-                await self._freed.wait()
-                continue
-            if self.batching and self.delay_ns:
-                await self._wait_for_batch()
-            batch = self._take()
-            if not batch:
-                continue
-            instance = self.free.pop()
-            if self.inline:
-                try:
-                    self._deliver(batch, self._run_inline(instance, batch))
-                except ServingError as exc:
-                    self._deliver(batch, exc)
-                await asyncio.sleep(0)  # let the loop decode requests and send replies between batches
-            else:
-                task = asyncio.get_running_loop().create_task(self._execute(instance, batch))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
-
-    async def _wait_for_batch(self) -> None:
-        """Hold the oldest request up to max_queue_delay while its batch is smaller than the target size."""
+    def _kick(self) -> None:
+        """Arrange the next dispatch: now (next loop iteration) when a batch can go, else at the head's deadline.
+        Called on every arrival, so it only compares counters."""
+        if self._soon or not self.free or not self.queue:
+            return
         head = self.queue[0]
-        deadline = head.enqueued + self.delay_ns
-        while not head.future.done() and self._rows_like(head) < self.target:
-            remaining = deadline - time.perf_counter_ns()
-            if remaining <= 0:
-                return
-            self._arrived.clear()
-            timer = asyncio.get_running_loop().call_later(remaining / 1e9, self._arrived.set)
-            await self._arrived.wait()  # a new request, or the delay is over (cheaper than wait_for's task)
-            timer.cancel()
+        if self.queued_rows < self.target and time.perf_counter_ns() < head.deadline:
+            self._arm(head.deadline)
+            return
+        self._soon = True
+        self._loop.call_soon(self._dispatch)
+
+    def _arm(self, deadline: int) -> None:
+        if self._timer is None:
+            self._timer = self._loop.call_later(max(deadline - time.perf_counter_ns(), 0) / 1e9, self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._soon = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.free:
+            return
+        self._drop_dead()
+        if not self.queue:
+            return
+        head = self.queue[0]
+        if time.perf_counter_ns() < head.deadline and self._rows_like(head) < self.target:
+            self._arm(head.deadline)  # the rows that arrived are other shapes, or dead: the head waits on
+            return
+        batch = self._take()
+        instance = self.free.pop()
+        if self.inline:
+            try:
+                self._deliver(batch, self._run_inline(instance, batch))
+            except ServingError as exc:
+                self._deliver(batch, exc)
+        else:
+            self._spawn(instance, batch)
+        self._kick()  # more queued: the next batch goes in a later iteration, after replies and new arrivals
+
+    def _drop_dead(self) -> None:
+        while self.queue and self.queue[0].future.done():  # cancelled by its client, or timed out
+            self.queued_rows -= self.queue.popleft().rows
 
     def _rows_like(self, head: Pending) -> int:
         return sum(p.rows for p in self.queue if p.key == head.key and not p.future.done())
 
     def _take(self) -> list[Pending]:
         """The oldest live request and, when batching, the compatible ones behind it, in arrival order."""
-        while self.queue and self.queue[0].future.done():
-            self.queue.popleft()
-        if not self.queue:
-            return []
         head = self.queue.popleft()
         batch, rows = [head], head.rows
         if self.batching and rows < self.max_batch:
@@ -190,6 +213,7 @@ class Batcher:
             self.queue = keep
             if self.preferred and rows not in self.preferred:
                 batch = self._cut_to_preferred(batch)
+        self.queued_rows = sum(p.rows for p in self.queue)
         return batch
 
     def _cut_to_preferred(self, batch: list[Pending]) -> list[Pending]:
@@ -204,42 +228,35 @@ class Batcher:
         self.queue.extendleft(reversed(batch[best:]))
         return batch[:best]
 
-    async def _execute(self, instance: Instance, batch: list[Pending]) -> None:
-        try:
-            self._deliver(batch, await self._run_batch(instance, batch))
-        except ServingError as exc:
-            self._deliver(batch, exc)
-
     @staticmethod
     def _deliver(batch: list[Pending], result: list[Outputs] | ServingError) -> None:
         for i, p in enumerate(batch):
             if not p.future.done():
-                if isinstance(result, ServingError):
-                    p.future.set_exception(result)
+                if isinstance(result, ServingError):  # one exception object each: raising appends to its trace
+                    err = type(result)(*result.args)
+                    err.__cause__ = result.__cause__
+                    p.future.set_exception(err)
                 else:
                     p.future.set_result(result[i])
 
-    async def _run_batch(self, instance: Instance, batch: list[Pending]) -> list[Outputs]:
-        """Merge, run and split, inline for fast models, else in an executor thread. An executor's instance is
-        handed back only when its thread is done with it, even if the caller was cancelled meanwhile."""
-        if self.inline:
-            return self._run_inline(instance, batch)
-        loop = asyncio.get_running_loop()
+    def _spawn(self, instance: Instance, batch: list[Pending]) -> None:
+        """Run a batch in an executor thread. The instance comes back (and the next dispatch is arranged) only
+        when the thread is done with it, even if every caller was cancelled meanwhile."""
         started = time.perf_counter_ns()
         work = self.executor.submit(_work, instance, batch)
-        try:
-            parts, t_in, t_run, t_out = await asyncio.wrap_future(work)
-        except BaseException as exc:
-            if work.done():
-                self._release(instance)
-            else:
-                work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release, instance))
-            if isinstance(exc, Exception):
-                raise self._failed(batch, exc) from exc
-            raise
-        self._release(instance)
-        self._account(batch, started, t_in, t_run, t_out)
-        return parts
+        loop = self._loop
+        work.add_done_callback(lambda w: loop.call_soon_threadsafe(self._finished, instance, batch, started, w))
+
+    def _finished(self, instance: Instance, batch: list[Pending], started: int, work: Future) -> None:
+        self.free.append(instance)
+        exc = work.exception()
+        if exc is None:
+            parts, t_in, t_run, t_out = work.result()
+            self._account(batch, started, t_in, t_run, t_out)
+            self._deliver(batch, parts)
+        else:
+            self._deliver(batch, self._failed(batch, exc))
+        self._kick()
 
     def _run_inline(self, instance: Instance, batch: list[Pending]) -> list[Outputs]:
         started = time.perf_counter_ns()
@@ -248,13 +265,17 @@ class Batcher:
         except Exception as exc:
             raise self._failed(batch, exc) from exc
         finally:
-            self._release(instance)
+            self.free.append(instance)
         self._account(batch, started, t_in, t_run, t_out)
         return parts
 
-    def _failed(self, batch: list[Pending], exc: Exception) -> ExecutionError:
-        log.exception("model %r: execution of a batch of %d requests failed", self.name, len(batch))
-        return ExecutionError(f"model {self.name!r}: execution failed: {exc}")
+    def _failed(self, batch: list[Pending], exc: BaseException) -> ExecutionError:
+        """The trace is logged by grpc_api, once per request and under its request id (the cause travels along)."""
+        rows = sum(p.rows for p in batch)
+        err = ExecutionError(f"model {self.name!r}: onnxruntime failed on a batch of {rows} row(s) from "
+                             f"{len(batch)} request(s): {exc}")
+        err.__cause__ = exc
+        return err
 
     def _account(self, batch: list[Pending], started: int, t_in: int, t_run: int, t_out: int) -> None:
         rec = self.recorder
@@ -265,13 +286,10 @@ class Batcher:
         # hysteresis: go inline below the threshold, back to threads above twice it
         self.inline = self.run_ns < self.inline_max_ns * (2 if self.inline else 1)
 
-    def _release(self, instance: Instance) -> None:
-        self.free.append(instance)
-        self._freed.set()
-
 
 def _work(instance: Instance, batch: list[Pending]) -> tuple[list[Outputs], int, int, int]:
-    """Runs in an executor thread: numpy and onnxruntime release the GIL for the heavy parts."""
+    """Merge, run, split: in an executor thread (numpy and onnxruntime release the GIL for the heavy parts) or
+    inline on the event loop for fast models."""
     t0 = time.perf_counter_ns()
     if len(batch) == 1:
         feeds = batch[0].feeds

@@ -105,8 +105,37 @@ def test_max_queue_delay_is_honoured(tmp_path):
     assert full < 0.14
 
 
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_adaptive_delay_skips_the_wait_only_when_arrivals_are_sparse(tmp_path, adaptive):
+    """max_queue_delay is an upper bound: once requests arrive further apart than the delay, a lone request runs
+    at once (waiting could not find it a partner); `adaptive_queue_delay: "false"` always waits, like Triton."""
+    b = make_batcher(tmp_path, add_sub_model(), "max_batch_size: 8\ndynamic_batching { "
+                     "max_queue_delay_microseconds: 200000 }\n"
+                     f'parameters {{ key: "adaptive_queue_delay" value {{ string_value: "{adaptive}" }} }}')
+    x = np.ones((1, 4), np.float32)
+
+    async def main():
+        b.start()
+        took = []
+        for _ in range(3):  # arrivals further apart than the delay
+            t0 = time.perf_counter()
+            await b.submit({"x": x, "y": x}, 1)
+            took.append(time.perf_counter() - t0)
+            await asyncio.sleep(0.25)
+        burst = await asyncio.gather(*(b.submit({"x": x, "y": x}, 1) for _ in range(8)))
+        return took, burst
+
+    took, burst = run(main())
+    assert took[0] >= 0.19  # no history yet: the first waits for company, as Triton does
+    if adaptive:
+        assert max(took[1:]) < 0.1
+    else:
+        assert min(took[1:]) >= 0.19
+    assert len(burst) == 8 and 8 in b.recorder.per_batch  # a burst still makes one full batch
+
+
 def _busy(tmp_path, config: str) -> Batcher:
-    return make_batcher(tmp_path, slow_model(), config)
+    return make_batcher(tmp_path, slow_model(n=1000, reps=16), config)  # ~0.1 s a run: it holds the instance
 
 
 def test_queue_full_is_unavailable_at_once(tmp_path):
@@ -170,6 +199,9 @@ def batching_server(tmp_path_factory):
          "max_queue_delay_microseconds: 2000 }\ninstance_group [ { count: 2 kind: KIND_CPU } ]\n")
     save(seq_model(), repo, "seq", config="max_batch_size: 32\ndynamic_batching { max_queue_delay_microseconds: "
          "2000 }\n")
+    save(add_sub_model(), repo, "patient", config="max_batch_size: 32\ndynamic_batching { "
+         "max_queue_delay_microseconds: 200000 }\n"
+         "parameters { key: \"adaptive_queue_delay\" value { string_value: \"false\" } }\n")
     s = Server(repo)
     yield s, repo
     s.stop()
@@ -215,6 +247,14 @@ def test_request_timeout_parameter_through_the_server(batching_server, tmp_path)
         req = request("batched", x=np.ones((1, 4), np.float32), y=np.ones((1, 4), np.float32))
         req.parameters["timeout"].int64_param = 10_000_000
         assert outputs(stub.ModelInfer(req))["sum"][0, 0] == 2.0
-        with pytest.raises(grpc.RpcError) as err:  # an already-expired gRPC deadline
-            stub.ModelInfer(req, timeout=0.000001)
+        before = _stats(stub, "patient").inference_count
+        req = request("patient", x=np.ones((1, 4), np.float32), y=np.ones((1, 4), np.float32))
+        with pytest.raises(grpc.RpcError) as err:  # the deadline passes while the request waits for company
+            stub.ModelInfer(req, timeout=0.05)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(0.5)  # past the queue delay: had it not been dropped, it would have run by now
+        assert _stats(stub, "patient").inference_count == before
+
+
+def _stats(stub, model: str):
+    return stub.ModelStatistics(pb.ModelStatisticsRequest(name=model)).model_stats[0]
