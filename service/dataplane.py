@@ -32,24 +32,26 @@ class DataPlane:
 
     async def infer(self, request: InferRequest) -> InferResponse:
         self.inflight += 1
-        code = "OK"
+        code, version = "OK", request.model_version
         t0 = time.perf_counter_ns()
         try:
             if self.max_inflight and self.inflight > self.max_inflight:
                 raise Unavailable(f"server busy: {self.inflight - 1} requests in flight (--max-inflight); retry "
                                   "later")
-            return await self._infer(request, t0)
-        except ServingError as exc:
-            code = exc.code.name
-            raise
+            response = await self._infer(request, t0)
+            version = response.model_version  # the version that served it, also when the request named none
+            return response
         except asyncio.CancelledError:
             code = "CANCELLED"
+            raise
+        except Exception as exc:
+            code = exc.code.name if isinstance(exc, ServingError) else "INTERNAL"
             raise
         finally:
             self.inflight -= 1
             if self.access_log:
-                log.info("infer", extra={"request_id": request.id, "model": request.model_name,
-                                         "version": request.model_version, "status": code,
+                log.info("infer", extra={"request_id": request.id, "model": request.model_name, "version": version,
+                                         "status": code,
                                          "duration_ms": round((time.perf_counter_ns() - t0) / 1e6, 3)})
 
     async def _infer(self, request: InferRequest, t0: int) -> InferResponse:
@@ -59,16 +61,18 @@ class DataPlane:
         try:
             feeds, rows = decode_request(request, mv, self.max_elements)
             wanted = requested_outputs(request, mv)
+            timeout_us = _timeout_us(request, mv)
             if mv.sequences is None:
-                outputs = await mv.batcher.submit(feeds, rows, _timeout_us(request))
+                outputs = await mv.batcher.submit(feeds, rows, timeout_us)
             else:
-                outputs = await mv.sequences.step(mv.batcher, feeds, rows, request.parameters, _timeout_us(request))
+                outputs = await mv.sequences.step(mv.batcher, feeds, rows, request.parameters, timeout_us)
             response = encode_response(request, mv, outputs, wanted)
-        except ServingError as exc:
-            rec.request_failed(time.perf_counter_ns() - t0, exc.code.name)
-            raise
         except asyncio.CancelledError:
             rec.request_failed(time.perf_counter_ns() - t0, "CANCELLED")
+            raise
+        except Exception as exc:
+            rec.request_failed(time.perf_counter_ns() - t0, exc.code.name if isinstance(exc, ServingError)
+                               else "INTERNAL")
             raise
         finally:
             rec.pending.dec()
@@ -76,13 +80,13 @@ class DataPlane:
         return response
 
 
-def _timeout_us(request: InferRequest) -> int:
+def _timeout_us(request: InferRequest, mv: ModelVersion) -> int:
     p = request.parameters.get("timeout")
     if p is None:
         return 0
     value = p.int64_param or p.uint64_param
     if value < 0:
-        raise InvalidArgument(f"parameter timeout must be >= 0 microseconds, got {value}")
+        raise InvalidArgument(f"model {mv.name!r}: parameter timeout must be >= 0 microseconds, got {value}")
     return value
 
 
@@ -98,29 +102,33 @@ def decode_request(request: InferRequest, mv: ModelVersion, max_elements: int = 
                               "send one raw entry per input, in order")
     decoded: dict[str, np.ndarray] = {}
     text = mv.text
+    used = 0  # elements decoded so far: --max-elements bounds the whole request
     for i, tensor in enumerate(inputs):
-        if text is not None and tensor.name == text.name:
-            if text.target in decoded:
-                raise InvalidArgument(f"{where}: send {text.name!r} or {text.target!r}, not both, and once")
-            decoded[text.target] = text.decode(f"{where} input {text.name!r}", tensor, raws[i] if raws else None,
-                                               mv.max_batch, max_elements)
-            continue
-        spec = mv.inputs.get(tensor.name)
-        if spec is None:
-            raise InvalidArgument(f"{where}: unknown input {tensor.name!r}; expected {_names(mv.inputs)}")
-        if tensor.name in decoded:
-            if text is not None and tensor.name == text.target:
-                raise InvalidArgument(f"{where}: send {text.name!r} or {text.target!r}, not both")
-            raise InvalidArgument(f"{where}: input {tensor.name!r} appears twice")
+        name = tensor.name
         has_typed = tensor.HasField("contents") and tensor.contents.ByteSize() > 0
         if raws and has_typed:
-            raise InvalidArgument(f"{where} input {tensor.name!r}: both raw_input_contents and typed contents "
-                                  "are set; use one")
+            raise InvalidArgument(f"{where} input {name!r}: both raw_input_contents and typed contents are set; "
+                                  "use one")
         if not raws and not has_typed and any(d != 0 for d in tensor.shape):
-            raise InvalidArgument(f"{where} input {tensor.name!r}: no contents (neither raw_input_contents nor "
-                                  "typed contents)")
-        decoded[tensor.name] = decode_input(f"{where} input {tensor.name!r}", spec, tensor,
-                                            raws[i] if raws else None, mv.max_batch, max_elements)
+            raise InvalidArgument(f"{where} input {name!r}: no contents (neither raw_input_contents nor typed "
+                                  "contents)")
+        raw = raws[i] if raws else None
+        if text is not None and name == text.name:
+            if text.target in decoded:
+                raise InvalidArgument(f"{where}: send {text.name!r} or {text.target!r}, not both, and once")
+            arr = decoded[text.target] = text.decode(f"{where} input {name!r}", tensor, raw, mv.max_batch,
+                                                     max_elements, used)
+        else:
+            spec = mv.inputs.get(name)
+            if spec is None:
+                raise InvalidArgument(f"{where}: unknown input {name!r}; expected {_names(mv.inputs)}")
+            if name in decoded:
+                if text is not None and name == text.target:
+                    raise InvalidArgument(f"{where}: send {text.name!r} or {text.target!r}, not both")
+                raise InvalidArgument(f"{where}: input {name!r} appears twice")
+            arr = decoded[name] = decode_input(f"{where} input {name!r}", spec, tensor, raw, mv.max_batch,
+                                               max_elements, used)
+        used += arr.size
     feeds = {n: decoded[n] for n in mv.inputs if n in decoded}
     missing = [n for n, s in mv.inputs.items() if n not in feeds and not s.optional]
     if missing:

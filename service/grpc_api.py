@@ -57,6 +57,17 @@ def add_to_server(servicer: Servicer, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
+def failure(method: str, request, exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The one exception -> (status, message) mapping. A client error says what was wrong; a server-side failure
+    (INTERNAL) gets a short message and the request id, and its trace goes to the log under that id."""
+    if isinstance(exc, ServingError) and exc.code != grpc.StatusCode.INTERNAL:
+        return exc.code, str(exc)
+    rid = getattr(request, "id", "") or uuid.uuid4().hex[:12]
+    log.error("%s failed (request id %s): %s", method, rid, exc, exc_info=exc)
+    what = str(exc).splitlines()[0][:240] if isinstance(exc, ServingError) else f"internal error in {method}"
+    return grpc.StatusCode.INTERNAL, f"{what} (request id {rid}); the server log has the details"
+
+
 def rpc(fn: Callable) -> Callable:
     method = fn.__name__
     bound: list = []  # (OK counter, duration histogram) of this method, bound on the first call
@@ -69,18 +80,13 @@ def rpc(fn: Callable) -> Callable:
             if type(request) is BadMessage:
                 raise InvalidArgument(request.error)
             return await fn(self, request, context)
-        except ServingError as exc:
-            code = exc.code.name
-            await context.abort(exc.code, str(exc))
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
-        except Exception:
-            code = "INTERNAL"
-            rid = getattr(request, "id", "") or uuid.uuid4().hex[:12]
-            log.exception("%s failed (request id %s)", method, rid)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method} (request id {rid}); "
-                                "the server log has the details")
+        except Exception as exc:
+            status, message = failure(method, request, exc)
+            code = status.name
+            await context.abort(status, message)
         finally:
             if not bound:
                 bound[:] = self.metrics.grpc_requests.labels(method, "OK"), self.metrics.grpc_duration.labels(method)
@@ -147,19 +153,21 @@ class Servicer:
         tasks: set[asyncio.Task] = set()
 
         async def one(request: pb.ModelInferRequest) -> None:
+            t0 = time.perf_counter()
             try:
                 if type(request) is BadMessage:
                     raise InvalidArgument(request.error)
                 if self.state.draining:
                     raise Unavailable("the server is shutting down")
                 reply = pb.ModelStreamInferResponse(infer_response=await self.dataplane.infer(request))
-            except ServingError as exc:
-                reply = pb.ModelStreamInferResponse(error_message=f"{exc.code.name}: {exc}")
-                reply.infer_response.id = request.id
+                code = "OK"
             except Exception as exc:
-                log.exception("stream request %s failed", request.id)
-                reply = pb.ModelStreamInferResponse(error_message=f"INTERNAL: {exc}")
+                status, message = failure("ModelStreamInfer", request, exc)
+                code = status.name
+                reply = pb.ModelStreamInferResponse(error_message=f"{code}: {message}")
                 reply.infer_response.id = request.id
+            self.metrics.grpc_requests.labels("ModelStreamInfer", code).inc()  # per request, as unary calls count
+            self.metrics.grpc_duration.labels("ModelStreamInfer").observe(time.perf_counter() - t0)
             await replies.put(reply)
 
         async def pump() -> None:
@@ -174,8 +182,6 @@ class Servicer:
         reader = asyncio.get_running_loop().create_task(pump())
         try:
             while (reply := await replies.get()) is not None:
-                self.metrics.grpc_requests.labels("ModelStreamInfer",
-                                                  "OK" if not reply.error_message else "ERROR").inc()
                 yield reply
         finally:
             reader.cancel()

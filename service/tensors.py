@@ -102,8 +102,10 @@ def to_raw(arr: np.ndarray, dtype: Dtype) -> bytes:
     return np.ascontiguousarray(arr, dtype=dtype.numpy).tobytes()
 
 
-def check_shape(where: str, spec: TensorSpec, shape: tuple[int, ...], max_batch: int, max_elements: int) -> int:
-    """Validate a declared shape against the spec; return its element count (without allocating anything)."""
+def check_shape(where: str, spec: TensorSpec, shape: tuple[int, ...], max_batch: int, max_elements: int,
+                used: int = 0) -> int:
+    """Validate a declared shape against the spec; return its element count (without allocating anything).
+    `max_elements` bounds the whole request: `used` is what its earlier inputs already hold."""
     if len(shape) != len(spec.shape):
         raise InvalidArgument(f"{where}: expected rank {len(spec.shape)} shape {_fmt(spec.shape)}, got {_fmt(shape)}")
     for i, (want, got) in enumerate(zip(spec.shape, shape, strict=True)):
@@ -114,19 +116,20 @@ def check_shape(where: str, spec: TensorSpec, shape: tuple[int, ...], max_batch:
     if max_batch > 0 and shape[0] > max_batch:
         raise InvalidArgument(f"{where}: batch size {shape[0]} exceeds the model's max_batch_size {max_batch}")
     count = math.prod(shape)
-    if max_elements and count > max_elements:
-        raise InvalidArgument(f"{where}: shape {_fmt(shape)} has {count} elements, over the server's limit of "
-                              f"{max_elements} (--max-elements)")
+    if max_elements and used + count > max_elements:
+        others = f" (the request's other inputs hold {used} more)" if used else ""
+        raise InvalidArgument(f"{where}: shape {_fmt(shape)} has {count} elements{others}, over the server's limit "
+                              f"of {max_elements} per request (--max-elements)")
     return count
 
 
 def decode_input(where: str, spec: TensorSpec, tensor: inference_pb2.ModelInferRequest.InferInputTensor,
-                 raw: bytes | None, max_batch: int, max_elements: int = 0) -> np.ndarray:
+                 raw: bytes | None, max_batch: int, max_elements: int = 0, used: int = 0) -> np.ndarray:
     """One input tensor to a numpy array of the spec's dtype and the request's shape."""
     if tensor.datatype != spec.dtype.wire:
         raise InvalidArgument(f"{where}: expected datatype {spec.dtype.wire}, got {tensor.datatype or '(empty)'}")
     shape = tuple(tensor.shape)
-    count = check_shape(where, spec, shape, max_batch, max_elements)
+    count = check_shape(where, spec, shape, max_batch, max_elements, used)
     dt = spec.dtype
     if raw is not None:
         if dt is BYTES:
@@ -149,8 +152,11 @@ def decode_input(where: str, spec: TensorSpec, tensor: inference_pb2.ModelInferR
         return decode_bytes(b"".join(_LEN.pack(len(v)) + v for v in values), count, where, text=True).reshape(shape)
     try:
         return np.array(values, dtype=dt.numpy).reshape(shape)
-    except OverflowError as exc:
-        raise InvalidArgument(f"{where}: a value in contents.{dt.typed_field} does not fit {dt.wire}") from exc
+    except OverflowError:
+        info = np.iinfo(dt.numpy)
+        bad = next(v for v in values if not info.min <= v <= info.max)
+        raise InvalidArgument(f"{where}: value {bad} in contents.{dt.typed_field} does not fit {dt.wire} "
+                              f"[{info.min}, {info.max}]") from None
 
 
 def _fmt(shape: tuple[int, ...]) -> str:

@@ -51,14 +51,15 @@ class TextInput:
         self.fixed = fixed
 
     def decode(self, where: str, tensor: inference_pb2.ModelInferRequest.InferInputTensor, raw: bytes | None,
-               max_batch: int, max_elements: int) -> np.ndarray:
+               max_batch: int, max_elements: int, used: int = 0) -> np.ndarray:
         """The request's strings as the [batch, T] token array the model takes."""
         if tensor.datatype != "BYTES":
             raise InvalidArgument(f"{where}: expected datatype BYTES (UTF-8 text), got {tensor.datatype}")
         shape = tuple(tensor.shape)
         if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
             raise InvalidArgument(f"{where}: expected shape [batch] or [batch,1], got {list(shape)}")
-        count = check_shape(where, TensorSpec(self.name, BYTES, (-1,) * len(shape)), shape, max_batch, max_elements)
+        count = check_shape(where, TensorSpec(self.name, BYTES, (-1,) * len(shape)), shape, max_batch, max_elements,
+                            used)
         if raw is not None:
             if count * 4 > len(raw):
                 raise InvalidArgument(f"{where}: shape {list(shape)} needs at least {count * 4} bytes, got {len(raw)}")
