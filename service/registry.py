@@ -157,7 +157,7 @@ class Registry:
             mv.batcher = Batcher(f"{name}:{v}", mv.instances, mv.config, mv.recorder)
             mv.batcher.start()
             if mv.sequences:
-                mv.sequences.start()
+                mv.sequences.start(mv.batcher)
             new[v] = mv
             model.state[v] = (READY, "")
             self.metrics.model_info.labels(name, str(v), mv.config.platform, mv.providers[0]).set(1)
@@ -172,8 +172,25 @@ class Registry:
         for mv in retired:
             if mv.version not in wanted:
                 model.state.pop(mv.version, None)
+            self._hand_over(mv, model, new)
         await self._retire(retired)
         return result
+
+    @staticmethod
+    def _hand_over(old: ModelVersion, model: Model, new: dict[int, ModelVersion]) -> None:
+        """A stateful version's live sequences go to the new version that takes its traffic (the same version
+        number reloaded, else the new default), when their state has the same shape: a swap loses no sequence.
+        Runs at the swap, with no await between, so no step can see a version in between."""
+        if old.sequences is None:
+            return
+        successor = new.get(old.version) or next((mv for mv in new.values() if mv is model.default), None)
+        live = len(old.sequences.live)
+        if successor is not None and successor.sequences is not None and successor.sequences.adopt(old.sequences):
+            log.info("model %s: %d live sequences handed from version %d to version %d", model.name, live,
+                     old.version, successor.version)
+        elif live:
+            log.warning("model %s: %d live sequences end with version %d (no successor with the same state)",
+                        model.name, live, old.version)
 
     def _failed(self, model: Model, version: int, reason: str) -> str:
         """Record a failure where RepositoryIndex, ModelReady, the log and the metric show it; returns it."""
@@ -199,12 +216,13 @@ class Registry:
             model.state = {v: (UNAVAILABLE, why) for v in model.state} or {0: (UNAVAILABLE, why)}
 
     async def _retire(self, versions: list[ModelVersion]) -> None:
-        """Let each version answer what it accepted, then free it."""
+        """Let each version answer what it accepted, then free it. Sequence steps first (even those still waiting
+        behind their sequence's lock need the batcher), then the batcher's queue."""
         for mv in versions:
+            if mv.sequences:
+                await mv.sequences.retire()
             if mv.batcher:
                 await mv.batcher.stop()
-            if mv.sequences:
-                mv.sequences.stop()
             info = (mv.name, mv.version_str, mv.config.platform, mv.providers[0])
             self.metrics.model_info.labels(*info).set(0)  # multiprocess mode keeps removed series: zero it first
             self.metrics.model_info.remove(*info)

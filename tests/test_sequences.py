@@ -178,3 +178,96 @@ def test_tritonclient_sequences_unary_and_streaming(seq_server):
     assert set(finals) == set(seqs)
     for sid, y in finals.items():
         np.testing.assert_allclose(y, reference(np.array(seqs[sid], np.float32), weights), atol=1e-5)
+
+
+def _stream(stub, requests, replies: list, timeout: float = 60):
+    """Send `requests` on one ModelStreamInfer call from a thread, appending replies as they come."""
+    import threading
+
+    def run():
+        for r in stub.ModelStreamInfer(iter(requests), timeout=timeout):
+            replies.append(r)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_version_swaps_under_interleaved_sequences_lose_nothing(tmp_path):
+    """Two reloads while sequences are live: the first while hundreds of streamed steps wait behind their
+    sequences' locks, the second between unary steps. Every step is answered and every sequence ends with the
+    whole-sequence result: the live sequences (their state) went over to the new version."""
+    import shutil
+
+    repo = tmp_path / "models"
+    model, weights = rnn_cell_model()
+    # Few sequences and a 5 ms batch delay: the streamed steps take long enough that the reload lands among them.
+    config = SEQUENCE_CONFIG.replace("max_queue_delay_microseconds: 2000", "max_queue_delay_microseconds: 5000")
+    save(model, repo, "cell", config=config % (60_000_000, 64))
+    server = Server(repo, "--model-control-mode", "explicit", "--load-model", "cell")
+    rng = np.random.default_rng(5)
+    n_seq, n_stream, n_unary = 6, 300, 60
+    seqs = {1000 + i: rng.standard_normal(n_stream + n_unary).astype(np.float32) for i in range(n_seq)}
+
+    def swap_to(version: int) -> None:
+        (repo / "cell" / str(version)).mkdir()
+        shutil.copy(repo / "cell" / "1" / "model.onnx", repo / "cell" / str(version) / "model.onnx")
+        stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="cell"))
+        assert list(stub.ModelMetadata(pb.ModelMetadataRequest(name="cell")).versions) == [str(version)]
+
+    try:
+        with server.channel() as ch, ThreadPoolExecutor(n_seq) as pool:
+            stub = inference_pb2_grpc.GRPCInferenceServiceStub(ch)
+            streamed = [step(sid, float(seq[t]), start=t == 0) for t in range(n_stream) for sid, seq in seqs.items()]
+            replies: list = []
+            reader = _stream(stub, streamed, replies)
+            deadline = time.monotonic() + 60
+            while len(replies) < 2 * n_seq and time.monotonic() < deadline:
+                time.sleep(0.005)
+            swap_to(2)
+            answered_at_swap = len(replies)
+            reader.join(90)
+            assert not reader.is_alive(), f"the stream hung: {len(replies)} of {len(streamed)} replies"
+            assert [r.error_message for r in replies if r.error_message] == []
+            assert len(replies) == len(streamed)
+            assert answered_at_swap < len(streamed)  # the reload really happened while steps were waiting
+
+            def rest(sid, lo, hi, end):
+                seq, out = seqs[sid], []
+                for t in range(lo, hi):
+                    reply = stub.ModelInfer(step(sid, float(seq[t]), end=end and t == hi - 1))
+                    out.append((reply.model_version, outputs(reply)["y"][0]))
+                return out
+
+            half = n_stream + n_unary // 2
+            before = list(pool.map(lambda sid: rest(sid, n_stream, half, False), seqs))
+            swap_to(3)
+            after = list(pool.map(lambda sid: rest(sid, half, n_stream + n_unary, True), seqs))
+        assert {v for part in before for v, _ in part} == {"2"} and {v for part in after for v, _ in part} == {"3"}
+        for (sid, seq), part in zip(seqs.items(), after, strict=True):
+            np.testing.assert_allclose(part[-1][1], reference(seq, weights), atol=1e-5, err_msg=str(sid))
+        assert "live sequences handed from version 1 to version 2" in server.log()
+    finally:
+        server.stop()
+
+
+def test_max_candidate_sequences_keeps_a_backlog(tmp_path):
+    """Triton's oldest strategy: beyond max_candidate_sequences, a new sequence waits until a candidate ends."""
+    repo = tmp_path / "models"
+    model, weights = rnn_cell_model()
+    config = SEQUENCE_CONFIG.replace("max_candidate_sequences: 16", "max_candidate_sequences: 2")
+    save(model, repo, "cell", config=config % (60_000_000, 8))
+    server = Server(repo)
+    try:
+        with server.channel() as ch:
+            stub = inference_pb2_grpc.GRPCInferenceServiceStub(ch)
+            stub.ModelInfer(step(1, 0.5, start=True))
+            stub.ModelInfer(step(2, 0.5, start=True))
+            third = stub.ModelInfer.future(step(3, 0.25, start=True))
+            time.sleep(0.5)
+            assert not third.done()  # in the backlog: two candidates are live
+            stub.ModelInfer(step(1, 0.5, end=True))
+            y = outputs(third.result(timeout=30))["y"][0]
+        np.testing.assert_allclose(y, reference(np.array([0.25], np.float32), weights), atol=1e-5)
+    finally:
+        server.stop()
