@@ -271,3 +271,41 @@ def test_max_candidate_sequences_keeps_a_backlog(tmp_path):
         np.testing.assert_allclose(y, reference(np.array([0.25], np.float32), weights), atol=1e-5)
     finally:
         server.stop()
+
+
+def test_unload_answers_every_step_it_accepted(tmp_path):
+    """Unloading a stateful model while streamed steps wait behind their sequences' locks: each step accepted
+    before the unload is answered correctly; later ones are refused as not ready, none fails half-way."""
+    repo = tmp_path / "models"
+    model, weights = rnn_cell_model()
+    config = SEQUENCE_CONFIG.replace("max_queue_delay_microseconds: 2000", "max_queue_delay_microseconds: 5000")
+    save(model, repo, "cell", config=config % (60_000_000, 64))
+    server = Server(repo, "--model-control-mode", "explicit", "--load-model", "cell")
+    rng = np.random.default_rng(6)
+    seqs = {2000 + i: rng.standard_normal(200).astype(np.float32) for i in range(6)}
+    try:
+        with server.channel() as ch:
+            stub = inference_pb2_grpc.GRPCInferenceServiceStub(ch)
+            streamed = [step(sid, float(seq[t]), start=t == 0) for t in range(200) for sid, seq in seqs.items()]
+            for i, r in enumerate(streamed):
+                r.id = f"{r.parameters['sequence_id'].uint64_param}:{i // len(seqs)}"
+            replies: list = []
+            reader = _stream(stub, streamed, replies)
+            deadline = time.monotonic() + 60
+            while len(replies) < 2 * len(seqs) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="cell"))
+            reader.join(90)
+        assert not reader.is_alive() and len(replies) == len(streamed)
+        errors = [r.error_message for r in replies if r.error_message]
+        assert errors and all(e.startswith("UNAVAILABLE") and "is not ready" in e for e in errors), errors[:3]
+        ok = [r.infer_response for r in replies if not r.error_message]
+        last: dict[int, tuple[int, np.ndarray]] = {}
+        for r in ok:
+            sid, t = map(int, r.id.split(":"))
+            last[sid] = max(last.get(sid, (-1, None)), (t, outputs(r)["y"][0]), key=lambda p: p[0])
+        assert len(ok) > len(seqs) and last
+        for sid, (t, y) in last.items():
+            np.testing.assert_allclose(y, reference(seqs[sid][:t + 1], weights), atol=1e-5)
+    finally:
+        server.stop()
