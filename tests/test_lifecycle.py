@@ -206,6 +206,7 @@ def test_sigterm_under_load_loses_no_accepted_request(tmp_path):
     server.proc.send_signal(signal.SIGTERM)
     time.sleep(0.1)
     assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert not _stub(server).ServerReady(pb.ServerReadyRequest()).ready
     assert server.proc.wait(30) == 0
     load.stop()
     before = [code for t0, code in load.calls if t0 < signalled]
@@ -215,6 +216,44 @@ def test_sigterm_under_load_loses_no_accepted_request(tmp_path):
     assert len(before) > 16 and set(before) == {"OK"}, load.errors[:5]
     assert after <= {"OK", "UNAVAILABLE", "CANCELLED"} and "OK" in after, after
     assert "stopped after" in server.log()
+
+
+def test_sigterm_grace_period_then_refusal_then_exit_code(tmp_path):
+    """After SIGTERM: not ready at once; requests still accepted during the grace period; refused with UNAVAILABLE
+    after it while accepted work drains; exit 0. A drain that runs out of time exits 1."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    repo = tmp_path / "models"
+    save(slow_model(n=1000, reps=60), repo, "slow", config="max_batch_size: 1\n"
+         "instance_group [ { count: 1 kind: KIND_CPU } ]\n")  # ~0.5 s a run, one at a time
+    one = request("slow", x=np.ones((1, 1), np.float32))
+    server = Server(repo, "--shutdown-grace-secs", "1.5", "--drain-secs", "120")
+    stub = _stub(server)
+    health = health_pb2_grpc.HealthStub(server.channel())
+    accepted = [stub.ModelInfer.future(one, timeout=120) for _ in range(8)]  # ~4 s of queued work
+    _wait(lambda: 'deepserve_pending_requests{model="slow",version="1"} 8.0' in _scrape(server), 30,
+          "the 8 requests to be accepted")
+    server.proc.send_signal(signal.SIGTERM)
+    _wait(lambda: not stub.ServerReady(pb.ServerReadyRequest()).ready, 2, "ServerReady false right after SIGTERM")
+    assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    in_grace = stub.ModelInfer.future(one, timeout=120)  # the grace period: still accepted
+    _wait(lambda: not stub.ModelReady(pb.ModelReadyRequest(name="slow")).ready, 30, "the grace period to end")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(one, timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in err.value.details()
+    assert all(float(outputs(f.result())["y"][0, 0]) == 1.0 for f in [*accepted, in_grace])
+    assert server.proc.wait(60) == 0
+
+    short = Server(repo, "--drain-secs", "0.5")
+    short_stub = _stub(short)
+    stuck = [short_stub.ModelInfer.future(one, timeout=60) for _ in range(4)]
+    _wait(lambda: 'deepserve_pending_requests{model="slow",version="1"} 4.0' in _scrape(short), 30,
+          "the 4 requests to be accepted")
+    short.proc.send_signal(signal.SIGTERM)
+    assert short.proc.wait(60) == 1  # the drain time ran out with requests in flight
+    assert "drain time over" in short.log()
+    for f in stuck:
+        f.cancel()
 
 
 def test_deadlines_inflight_limit_and_json_access_log(tmp_path):
