@@ -61,6 +61,35 @@ def test_token_auth(repo, tmp_path):
         server.stop()
 
 
+def test_closed_health_and_the_streaming_rpc_need_the_token(repo, tmp_path):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("the-secret\n")
+    server = Server(repo, "--auth-token-file", str(tokens), "--no-open-health", wait_ready=False)
+    good = [("authorization", "Bearer the-secret")]
+    try:
+        server.wait_log("ready:")
+        with server.channel() as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            for meta in (None, [("authorization", "Bearer wrong")]):
+                with pytest.raises(grpc.RpcError) as err:
+                    health.Check(health_pb2.HealthCheckRequest(), metadata=meta)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert health.Check(health_pb2.HealthCheckRequest(), metadata=good).status == 1  # SERVING
+            stub = inference_pb2_grpc.GRPCInferenceServiceStub(ch)
+            for meta in (None, [("authorization", "Bearer wrong")]):
+                with pytest.raises(grpc.RpcError) as err:
+                    list(stub.ModelStreamInfer(iter([request("m", x=X, y=X)]), metadata=meta, timeout=10))
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="m"), metadata=good).model_stats[0]
+            assert stats.inference_count == 0  # the refused streams never reached the model
+            replies = list(stub.ModelStreamInfer(iter([request("m", x=X, y=X)]), metadata=good, timeout=10))
+            assert not replies[0].error_message and outputs(replies[0].infer_response)["sum"][0, 0] == 2.0
+    finally:
+        server.stop()
+
+
 def _certs(d):
     """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, made with openssl."""
 
