@@ -4,13 +4,19 @@ The version folder is the unit of atomicity: it is built complete under a hidden
 (same filesystem, and the server skips names starting with '.') and renamed into place in one step. Model-level
 files (config.pbtxt, labels.txt) are each replaced atomically right after; the version goes first, because a
 version without a config is still servable (the server completes a missing config from the graph) while a config
-without any version is not. A publish killed at any point leaves every visible file as it was."""
+without any version is not.
+
+A model's first publish has no model folder to stage in, and creating one first would show the server a model with
+no version (reported as unservable) until the rename, or for good after a crash. So the whole model folder, version
+1 and config included, is built under a hidden name at the repository root and renamed into place. A publish
+killed at any point leaves every visible file and folder as it was."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
+import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,16 +108,59 @@ def replace_file(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _clean_stale(model_dir: Path) -> None:
-    """Remove hidden staging folders of publishes that died (their process is gone)."""
-    for p in model_dir.glob(".publish-*"):
+def _stage_name() -> str:
+    """.publish-<pid>-<random>-<host>: the host, because on a shared filesystem another machine's pid means
+    nothing here."""
+    return f".publish-{os.getpid()}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}"
+
+
+def _clean_stale(folder: Path) -> None:
+    """Remove hidden staging folders of publishes on this machine that died (their process is gone)."""
+    for p in folder.glob(".publish-*"):
         try:
-            pid = int(p.name.split("-")[1])
-            os.kill(pid, 0)
+            parts = p.name.split("-", 3)
+            if len(parts) == 4 and parts[3] != socket.gethostname():
+                continue
+            os.kill(int(parts[1]), 0)
         except ProcessLookupError:
             shutil.rmtree(p, ignore_errors=True)
         except (ValueError, IndexError, PermissionError):
             continue
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.iterdir():
+        if f.is_dir():
+            _fsync_tree(f)
+        else:
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def _publish_first(repo: Path, spec: ModelSpec, write_version: Callable[[Path, int], None],
+                   labels: list[str] | None) -> tuple[int, Path] | None:
+    """The whole model folder staged at the repository root and renamed into place. None when the model folder
+    appeared meanwhile (another publisher): the caller then publishes the next version inside it."""
+    model_dir = repo / spec.name
+    stage = repo / _stage_name()
+    try:
+        (stage / "1").mkdir(parents=True)
+        write_version(stage / "1", 1)
+        _write_file(stage / "config.pbtxt", config_text(spec).encode())
+        if labels is not None:
+            _write_file(stage / "labels.txt", ("\n".join(labels) + "\n").encode())
+        _fsync_tree(stage)
+        crash_point("publish:staged")
+        try:
+            os.rename(stage, model_dir)  # fails if the folder now exists and is not empty
+        except OSError:
+            return None
+        _fsync_dir(repo)
+        return 1, model_dir / "1"
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 def publish(repo: Path, spec: ModelSpec, write_version: Callable[[Path, int], None],
@@ -119,18 +168,20 @@ def publish(repo: Path, spec: ModelSpec, write_version: Callable[[Path, int], No
     """Stage the version folder with `write_version(folder, version)`, rename it into place, then replace the
     model-level files. Returns (version, its folder). Any exception removes the staging folder."""
     model_dir = repo / spec.name
-    model_dir.mkdir(parents=True, exist_ok=True)
+    repo.mkdir(parents=True, exist_ok=True)
+    _clean_stale(repo)
+    if not model_dir.exists():
+        first = _publish_first(repo, spec, write_version, labels)
+        if first is not None:
+            return first
     _clean_stale(model_dir)
-    stage = model_dir / f".publish-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    stage = model_dir / _stage_name()
     try:
         for _ in range(5):
             version = next_version(model_dir)
             stage.mkdir()
             write_version(stage, version)
-            for f in stage.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            _fsync_dir(stage)
+            _fsync_tree(stage)
             crash_point("publish:staged")
             target = model_dir / str(version)
             if target.exists():  # another publisher took this number meanwhile: restage under the next one
