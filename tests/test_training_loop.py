@@ -42,6 +42,25 @@ def weights(net: nn.Module) -> list[torch.Tensor]:
     return [p.detach() for p in net.parameters() if p.ndim > 1]
 
 
+@pytest.mark.parametrize(("n", "world"), [(1293, 2), (1294, 2), (10, 3), (7, 4)])
+def test_distributed_shards_are_disjoint_and_cover_the_data_once(n: int, world: int) -> None:
+    """Every rank gets as many steps as the others (DistributedSampler pads), and apart from the padding repeats
+    the shards are disjoint and together hold every training row exactly once, in a new order each epoch."""
+    from training.distributed import Dist
+    from training.loop import _order
+
+    orders = []
+    for epoch in (0, 1):
+        shards = [_order(n, 0, epoch, Dist(rank=r, world=world)) for r in range(world)]
+        assert len({len(order) for order, _ in shards}) == 1
+        real = [i for order, repeats in shards for i in order if i not in repeats]
+        assert sorted(real) == list(range(n))
+        assert sum(len(repeats) for _, repeats in shards) == -n % world
+        assert all(set(order) >= repeats for order, repeats in shards)
+        orders.append([order for order, _ in shards])
+    assert orders[0] != orders[1]
+
+
 def test_l1_penalty_shrinks_weights(digits) -> None:
     plain, _, _ = train(digits, ["train.weight_decay=0.0"])
     sparse, _, _ = train(digits, ["train.weight_decay=0.0", "train.l1=0.005"])

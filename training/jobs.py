@@ -138,7 +138,9 @@ def run_job(job: str, opts: Options, log: Log = print) -> dict[str, Any]:
             "spec": spec, "history": fitted.history, "best_epoch": fitted.best_epoch,
             "stopped_early": fitted.stopped_early, "resumed_from_epoch": fitted.resumed_from,
             "test": test, "parity": checked, "seed": spec["train"]["seed"], "device": str(device),
-            "world_size": dist.world, "torch_threads": torch.get_num_threads(), "versions": cards.versions(),
+            "world_size": dist.world, "train_samples_per_epoch": fitted.samples_per_epoch,
+            "weights_sha256_per_rank": fitted.rank_digests,
+            "torch_threads": torch.get_num_threads(), "versions": cards.versions(),
             "seconds": {"train": round(fitted.train_seconds, 2), "held_out_sweep": round(sweep_seconds, 2),
                         "until_trained": round(trained - began, 2)},
         }

@@ -23,22 +23,11 @@ from torch import nn
 from tqdm import tqdm
 
 from training.augment import make_augment
+from training.distributed import Dist, all_reduce, digest, from_main, gather, shard, sync_buffers
 from training.spec import SpecError
 from training.tasks import trim
 
 Log = Callable[[str], None]
-
-
-@dataclass
-class Dist:
-    """This process's place in a torchrun job (world 1 = plain single-process training)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
 
 @dataclass
@@ -48,6 +37,8 @@ class FitResult:
     stopped_early: bool = False
     resumed_from: int | None = None
     train_seconds: float = 0.0
+    samples_per_epoch: int = 0  # summed over ranks: len(train) when the shards cover the data once
+    rank_digests: list[str] = field(default_factory=list)  # sha256 of the final weights, per rank
 
 
 def seed_everything(seed: int) -> None:
@@ -105,16 +96,13 @@ def _save(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _order(n: int, seed: int, epoch: int, dist: Dist) -> list[int]:
-    """This rank's sample order for the epoch: DistributedSampler under torchrun, a seeded permutation otherwise."""
+def _order(n: int, seed: int, epoch: int, dist: Dist) -> tuple[list[int], set[int]]:
+    """This rank's sample order for the epoch and its padding repeats: DistributedSampler under torchrun, a seeded
+    permutation otherwise."""
     if dist.world > 1:
-        from torch.utils.data import DistributedSampler
-
-        sampler = DistributedSampler(range(n), num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=seed)
-        sampler.set_epoch(epoch)
-        return list(sampler)
+        return shard(n, seed, epoch, dist)
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    return torch.randperm(n, generator=g).tolist(), set()
 
 
 def _batches(order: list[int], lengths: torch.Tensor | None, size: int, gen: torch.Generator) -> list[list[int]]:
@@ -130,12 +118,11 @@ def _batches(order: list[int], lengths: torch.Tensor | None, size: int, gen: tor
     return [batches[p] for p in torch.randperm(len(batches), generator=gen).tolist()]
 
 
-def _all_reduce(values: list[float], dist: Dist, device: torch.device) -> list[float]:
-    if dist.world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
+def _rows(out: Any, keep: torch.Tensor) -> Any:
+    """The kept rows of a batch's outputs (a tuple's per-batch scalars, like a VAE's KL term, stay as they are)."""
+    if isinstance(out, tuple):
+        return tuple(o[keep] if o.ndim and o.shape[0] == len(keep) else o for o in out)
+    return out[keep]
 
 
 def fit(model: nn.Module, task: Any, data: Any, spec: dict[str, Any], run_dir: Path | None, resume: bool,
@@ -185,6 +172,10 @@ def fit(model: nn.Module, task: Any, data: Any, spec: dict[str, Any], run_dir: P
         log(f"resumed from {ckpt} after epoch {start}/{epochs}")
     elif resume:
         log(f"--resume: no checkpoint at {ckpt}, starting from scratch")
+    starts = gather(start, dist)
+    if len(set(starts)) > 1:
+        raise SpecError(f"--resume: the ranks found different checkpoints in {ckpt} (epochs {starts} by rank); "
+                        "expected --runs on a filesystem every node shares")
     began = time.perf_counter()
     for epoch in range(start, epochs):
         if result.stopped_early:
@@ -192,7 +183,7 @@ def fit(model: nn.Module, task: Any, data: Any, spec: dict[str, Any], run_dir: P
         tick = time.perf_counter()
         torch.manual_seed(seed * 1_000_003 + epoch)  # dropout and sampling noise: a function of (seed, epoch)
         aug_gen = torch.Generator().manual_seed(seed * 7_919 + epoch)
-        order = _order(len(y_train), seed, epoch, dist)
+        order, repeats = _order(len(y_train), seed, epoch, dist)
         batches = _batches(order, lengths, per_rank, torch.Generator().manual_seed(seed * 31 + epoch))
         net.train()
         loss_sum, count, sums = 0.0, 0, {}
@@ -212,21 +203,32 @@ def fit(model: nn.Module, task: Any, data: Any, spec: dict[str, Any], run_dir: P
             opt.step()
             if sched is not None:
                 sched.step()
+            seen, seen_loss = out, loss.detach()
+            if repeats and any(i in repeats for i in batch):  # a DistributedSampler repeat: trained, not counted
+                keep = torch.tensor([i not in repeats for i in batch], device=device)
+                xb, clean, yb, seen = xb[keep], clean[keep], yb[keep], _rows(out, keep)
+                with torch.no_grad():
+                    seen_loss = task.loss(seen, clean, yb) if len(yb) else torch.zeros(())
             n = len(yb)
-            loss_sum += float(loss.detach()) * n
+            loss_sum += float(seen_loss) * n
             count += n
-            for k, v in task.batch_stats(out if not isinstance(out, tuple) else out[0], xb, yb).items():
+            for k, v in task.batch_stats(seen if not isinstance(seen, tuple) else seen[0], xb, yb).items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / count:.4f}", refresh=False)
+            bar.set_postfix(loss=f"{loss_sum / max(count, 1):.4f}", refresh=False)
         bar.close()
         keys = sorted(sums)
-        reduced = _all_reduce([loss_sum, float(count), *(sums[k] for k in keys)], dist, device)
+        reduced = all_reduce([loss_sum, float(count), *(sums[k] for k in keys)], dist, device)
         loss_sum, count, sums = reduced[0], int(reduced[1]), dict(zip(keys, reduced[2:], strict=True))
+        result.samples_per_epoch = count
         row: dict[str, float] = {"epoch": epoch + 1, "train_loss": loss_sum / max(count, 1)}
         row.update({f"train_{k}": v for k, v in task.epoch_metrics(sums, count).items()})
         if len(y_val):
-            row.update({f"val_{k}": v for k, v in task.evaluate(model, x_val, y_val, 512).items()})
+            sync_buffers(model, dist)  # every rank validates (and keeps) the weights rank 0 publishes
+            val = task.evaluate(model, x_val, y_val, 512)
+            names = list(val)  # the same order on every rank
+            row.update({f"val_{k}": v for k, v in zip(names, from_main([val[k] for k in names], dist, device),
+                                                       strict=True)})
         row["lr"] = opt.param_groups[0]["lr"]
         row["seconds"] = round(time.perf_counter() - tick, 3)
         result.history.append(row)
@@ -251,4 +253,7 @@ def fit(model: nn.Module, task: Any, data: Any, spec: dict[str, Any], run_dir: P
     result.train_seconds = time.perf_counter() - began
     model.load_state_dict(best_state)
     model.eval()
+    result.rank_digests = gather(digest(model), dist)
+    if len(set(result.rank_digests)) > 1 and dist.main:
+        log(f"warning: the ranks finished with different weights: {result.rank_digests}")
     return result
