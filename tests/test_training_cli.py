@@ -3,6 +3,7 @@ publish killed half way, and a serving install without torch."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -14,17 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.cli import train_main
+from training.cli import _verdict, train_main
 
 ROOT = Path(__file__).parent.parent
 
 
 def snapshot(repo: Path) -> dict[str, bytes]:
-    """Every file a server scanning the repository would see (hidden staging folders excluded)."""
+    """Every file and folder a server scanning the repository would see (hidden staging folders excluded); folders
+    as "name/": an empty model folder is a model the server reports as unservable."""
     if not repo.exists():
         return {}
-    return {str(p.relative_to(repo)): p.read_bytes() for p in sorted(repo.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(repo).parts)}
+    return {str(p.relative_to(repo)) + ("/" if p.is_dir() else ""): b"" if p.is_dir() else p.read_bytes()
+            for p in sorted(repo.rglob("*")) if not any(part.startswith(".") for part in p.relative_to(repo).parts)}
 
 
 def run_cli(capsys, tmp_path: Path, *args: str) -> tuple[int, str]:
@@ -111,6 +113,25 @@ def test_cuda_requested_without_a_gpu(capsys, tmp_path: Path) -> None:
         pytest.skip("a GPU is present")
     code, err = run_cli(capsys, tmp_path, "digits_cnn", "--device", "cuda", "--epochs", "1")
     assert code == 2 and "--device cuda" in err and "--device cpu" in err
+
+
+def test_train_all_summary_says_ok_and_missed_against_each_jobs_target() -> None:
+    from training.spec import resolve
+
+    cnn = {"job": "digits_cnn", "version": 3, "train_seconds": 8.04, "target": resolve("digits_cnn")["target"]}
+    line = _verdict({**cnn, "test": {"accuracy": 0.99}, "seconds": 10.6})
+    assert line.startswith("digits_cnn           v3   test accuracy 0.9900 (target >= 0.985: ok)"), line
+    assert line.endswith("10.6 s, training 8.0 s (target <= 60 s: ok)") and "MISSED" not in line
+    line = _verdict({**cnn, "test": {"accuracy": 0.98}, "seconds": 60.1})
+    assert "(target >= 0.985: MISSED)" in line and "(target <= 60 s: MISSED)" in line and ": ok" not in line
+    line = _verdict({**cnn, "test": {"accuracy": 0.985}, "seconds": 60.0})  # exactly on target meets it
+    assert line.count(": ok)") == 2 and "MISSED" not in line
+    ae = {"job": "digits_autoencoder", "version": 1, "train_seconds": 24.0,
+          "target": resolve("digits_autoencoder")["target"]}
+    line = _verdict({**ae, "test": {"auroc": 0.99, "mean_auroc": 0.92}, "seconds": 27.8})
+    assert "test mean_auroc 0.9200 (target >= 0.93: MISSED)" in line and "(target <= 60 s: ok)" in line
+    line = _verdict({**ae, "test": {"auroc": 0.99}, "seconds": 27.8})  # no sweep: the metric is not there
+    assert "test mean_auroc n/a   " in line and ">=" not in line
 
 
 def start(tmp: Path, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], list[str]]:
@@ -221,9 +242,12 @@ def test_publish_is_atomic_under_a_crash_and_a_failed_check(tmp_path: Path) -> N
     (old / "labels.txt").write_text("old labels\n")
     before = snapshot(repo)
 
-    # SIGKILL after the new version is fully written but before it is renamed into place; side by side, a run
-    # whose parity check cannot pass (it must fail the job before anything is written).
+    # SIGKILL after the new version is fully written but before it is renamed into place; side by side, the same
+    # crash in a model's first-ever publish (an empty repository), and a run whose parity check cannot pass (it
+    # must fail the job before anything is written).
     crash_run = start(tmp_path, "digits_cnn", "--epochs", "1", env={"DEEPSERVE_CRASH_AT": "publish:staged"})
+    first = tmp_path / "first"
+    first_run = start(first, "digits_cnn", "--epochs", "1", env={"DEEPSERVE_CRASH_AT": "publish:staged"})
     failed = train(tmp_path, "digits_cnn", "--epochs", "1", "--set", "export.tolerance=1e-12")
     crashed = finish(crash_run)
     assert crashed.returncode == -signal.SIGKILL
@@ -234,20 +258,43 @@ def test_publish_is_atomic_under_a_crash_and_a_failed_check(tmp_path: Path) -> N
     assert "parity check failed" in failed.stderr and "nothing published" in failed.stderr
     assert snapshot(repo) == before
 
+    # The first publish crashed with the whole model staged, and the repository shows no model folder at all.
+    assert finish(first_run).returncode == -signal.SIGKILL
+    assert snapshot(first / "models") == {}
+    (staged_model,) = [p for p in (first / "models").iterdir()]
+    assert staged_model.name.startswith(".publish-")
+    assert {p.name for p in staged_model.iterdir()} == {"1", "config.pbtxt", "labels.txt"}
+    assert (staged_model / "1" / "model.onnx").exists()
+    assert train(first, "digits_cnn", "--epochs", "1").returncode == 0
+    assert [p.name for p in (first / "models").iterdir()] == ["digits_cnn"]  # and the dead stage is gone
+    assert set(snapshot(first / "models")) == {"digits_cnn/", "digits_cnn/config.pbtxt", "digits_cnn/labels.txt",
+                                                "digits_cnn/1/", *(f"digits_cnn/1/{f}" for f in (
+                                                    "model.onnx", "card.json", "training_curve.png",
+                                                    "examples.npz"))}
+
     # The repository still works: the next publish is version 2 and sweeps the dead staging folder away.
     assert train(tmp_path, "digits_cnn", "--epochs", "1").returncode == 0
     after = snapshot(repo)
-    assert {k for k in after if k not in before} == {f"digits_cnn/2/{f}" for f in
-                                                     ("model.onnx", "card.json", "training_curve.png", "examples.npz")}
+    assert {k for k in after if k not in before} == {"digits_cnn/2/", *(f"digits_cnn/2/{f}" for f in (
+        "model.onnx", "card.json", "training_curve.png", "examples.npz"))}
     assert all(after[k] == v for k, v in before.items() if k.startswith("digits_cnn/1/"))
     assert after["digits_cnn/labels.txt"].decode().splitlines() == [str(i) for i in range(10)]
     assert not [p for p in (repo / "digits_cnn").iterdir() if p.name.startswith(".")]
 
 
+def state_digest(state: dict) -> str:
+    """sha256 over a state dict's tensors in key order (the card's weights_sha256_per_rank)."""
+    h = hashlib.sha256()
+    for key, t in sorted(state.items()):
+        h.update(key.encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
 @pytest.mark.slow
 def test_two_process_data_parallel_training_publishes_one_checked_model(tmp_path: Path) -> None:
     """`deepserve train JOB --nproc 2` runs torchrun: DDP over gloo, DistributedSampler, rank 0 publishes."""
-    pytest.importorskip("torch")
+    torch = pytest.importorskip("torch")
     import onnxruntime as ort
 
     from training.data import load
@@ -263,11 +310,53 @@ def test_two_process_data_parallel_training_publishes_one_checked_model(tmp_path
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt", "labels.txt"]
     card = json.loads((model_dir / "1" / "card.json").read_text())
     assert card["world_size"] == 2 and card["parity"]["passed"] and card["parity"]["max_abs_diff"] <= 1e-4
-    assert (tmp_path / "runs" / "digits_cnn" / "checkpoint.pt").exists()
     data = load(resolve("digits_cnn"))
+    # Sharded, not copied: the two ranks' samples, summed, are the training split once (1,293 rows, odd, so
+    # DistributedSampler repeats one row to even the shards; the repeat trains but is not counted).
+    assert len(data.train.y) % 2 == 1 and card["train_samples_per_epoch"] == len(data.train.y)
+    # Data parallel, not two separate runs: both ranks end with rank 0's final weights, bit for bit (parameters
+    # and batch-norm statistics), and those are the weights rank 0 checkpointed.
+    ckpt = torch.load(tmp_path / "runs" / "digits_cnn" / "checkpoint.pt", weights_only=False)
+    assert card["weights_sha256_per_rank"] == [state_digest(ckpt["best_model"])] * 2
     sess = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     accuracy = float((sess.run(["logits"], {"image": data.test.x})[0].argmax(1) == data.test.y).mean())
     assert accuracy >= 0.90 and accuracy == pytest.approx(card["test"]["onnxruntime_accuracy"])
+
+
+@pytest.mark.slow
+def test_multi_node_rendezvous_stops_early_on_every_rank_together(tmp_path: Path) -> None:
+    """The README's multi-node command, two torchrun agents meeting at a c10d rendezvous as two machines would,
+    with early stopping on: every rank must take the same stop and best-epoch decision, or one rank is left
+    waiting in a collective the other never enters and the job hangs."""
+    torch = pytest.importorskip("torch")
+    from support import free_port
+
+    # val_accuracy takes one of len(val) + 1 = 145 values, so with patience 1 it must stop before epoch 146.
+    epochs = 150
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--rdzv-backend", "c10d",
+             "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "test", "--nproc-per-node", "1",
+             "-m", "training", "digits_cnn", "--epochs", str(epochs), "--set", "train.patience=1", "--set",
+             "train.early_stopping_metric=val_accuracy", "--set", "train.schedule=none",
+             "--repository", str(tmp_path / "models"), "--runs", str(tmp_path / "runs")]
+    procs = [subprocess.Popen(agent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              start_new_session=True) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:  # a hung job: end each agent's whole process group, workers included
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    stdout = "".join(out for out, _ in outs)
+    assert stdout.count("early stopping") == 1 and stdout.count("published") == 1
+    card = json.loads((tmp_path / "models" / "digits_cnn" / "1" / "card.json").read_text())
+    assert card["world_size"] == 2 and card["stopped_early"]
+    history = card["history"]
+    assert len(history) < epochs and history[-1]["epoch"] == card["best_epoch"] + 1
+    assert history[-1]["val_accuracy"] <= max(r["val_accuracy"] for r in history[:-1])
+    ckpt = torch.load(tmp_path / "runs" / "digits_cnn" / "checkpoint.pt", weights_only=False)
+    assert ckpt["stopped_early"] and card["weights_sha256_per_rank"] == [state_digest(ckpt["best_model"])] * 2
 
 
 BLOCK_TORCH = textwrap.dedent("""
