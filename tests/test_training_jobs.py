@@ -102,6 +102,11 @@ def test_job_end_to_end(runs, job: str, args: list[str], floor: float) -> None:
         range(1, epochs + 1))
     assert card["parity"]["passed"] and card["parity"]["max_abs_diff"] <= 1e-4
     assert {c["batch"] for c in card["parity"]["cases"]} == {1, 7, 64}
+    # Sequence models are checked at every batch size at lengths 5, 40 and 100 (shorter and longer than
+    # training's), the others once per batch size.
+    sequence = job in ("mnist1d_rnn", "langid_transformer")
+    assert sorted((c["batch"], c["length"]) for c in card["parity"]["cases"]) == sorted(
+        (b, n) for b in (1, 7, 64) for n in ((5, 40, 100) if sequence else (None,)))
     assert set(card["versions"]) >= {"torch", "onnx", "onnxruntime"}
     metric = "onnxruntime_auroc" if job == "digits_autoencoder" else "onnxruntime_accuracy"
     assert card["test"][metric] == pytest.approx(value, abs=1e-6)
@@ -134,7 +139,8 @@ def check_the_server_loads_it(model_dir: Path) -> None:
     from service.metrics import Metrics
     from service.models import load_version
 
-    mv = load_version(model_dir, 1, read_config(model_dir), True, Metrics(CollectorRegistry()))
+    config = read_config(model_dir, (model_dir / "config.pbtxt").read_bytes())
+    mv = load_version(model_dir, 1, config, True, Metrics(CollectorRegistry()))
     assert mv.name == model_dir.name and mv.inputs
 
 
@@ -155,6 +161,7 @@ def check_stream(repo: Path, whole: ort.InferenceSession, examples: np.lib.npyio
     assert np.abs(stepped - whole.run(["logits"], {"signal": x})[0]).max() <= 1e-5
     card = json.loads((stream_dir / "1" / "card.json").read_text())
     assert card["stream"]["stepped_max_abs_diff"] <= 1e-5 and card["stream"]["of"] == "mnist1d_rnn"
+    assert [c["length"] for c in card["stream"]["stepped_cases"]] == [5, 40, 100]
 
 
 def check_contract(job: str, model_dir: Path, cfg: model_config_pb2.ModelConfig, sess: ort.InferenceSession,
