@@ -50,8 +50,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/deepserve/bin:$PATH
-# The one serving install, shared with tests/test_deploy.py. The context is bind-mounted (writable, discarded),
-# so no source layer stays in the image.
+# The one serving install, shared with tests/test_deploy_container.py. The context is bind-mounted (writable,
+# discarded), so no source layer stays in the image.
 RUN --mount=type=bind,target=/src,rw sh /src/deploy/install-runtime.sh /src /opt/deepserve
 RUN groupadd --system --gid 10001 deepserve \
     && useradd --system --uid 10001 --gid deepserve --home-dir /nonexistent --no-create-home \

@@ -2,8 +2,8 @@
 # Install deepserve's serving half into a fresh virtual environment: the package without extras, so numpy,
 # onnxruntime, grpcio(+health, reflection), protobuf and prometheus-client, and never torch.
 #
-# One script for every serving install, so the install that tests/test_deploy.py proves is the one the images ship:
-# the runtime stage of Dockerfile and Dockerfile.gpu run it, and the test runs it into a temporary venv.
+# One script for every serving install, so the install that tests/test_deploy_container.py proves is the one the
+# images ship: the runtime stage of Dockerfile and Dockerfile.gpu run it, and the test runs it into a temporary venv.
 #
 # usage: install-runtime.sh [--gpu] SOURCE_DIR VENV_DIR
 #   --gpu      add the `gpu` extra and leave onnxruntime-gpu as the only onnxruntime (see below).
