@@ -11,7 +11,7 @@ executor thread that finishes hands its instance back with call_soon_threadsafe.
 and no task wake-up, which matters when the whole request path must fit in a few hundred microseconds.
 
 Two measured policies on top of Triton's:
-- Inline runs: a model whose runs take less than INLINE_MAX_NS runs on the event loop thread itself; handing
+- Inline runs: a model whose runs take less than runtime.FAST_RUN_NS runs on the event loop thread itself; handing
   a 50 us run to a thread and back costs two thread wake-ups and more CPU than the run. Slower ones run in
   executor threads (onnxruntime releases the GIL), with hysteresis between the two.
 - Adaptive delay: max_queue_delay is an upper bound. When requests arrive further apart than the delay, waiting
@@ -29,12 +29,11 @@ import numpy as np
 
 from service._proto import model_config_pb2
 from service.errors import ServingError, Unavailable
-from service.runtime import Instance, param
+from service.runtime import FAST_RUN_NS, Instance, param
 from service.stats import Recorder
 
 Outputs = dict[str, np.ndarray]
 REJECT = model_config_pb2.ModelQueuePolicy.TimeoutAction.REJECT
-INLINE_MAX_NS = 250_000
 GAP_WEIGHT = 0.2  # weight of the newest inter-arrival gap in its moving average
 
 
@@ -78,7 +77,7 @@ class Batcher:
         self.reject_on_timeout = policy.timeout_action == REJECT
         self.target = (self.preferred[-1] if self.preferred else self.max_batch) if self.batching else 1
         self.adaptive = param(config, "adaptive_queue_delay", "true").lower() not in ("0", "false", "no", "off")
-        self.inline_max_ns = int(param(config, "inline_max_us", str(INLINE_MAX_NS // 1000))) * 1000
+        self.inline_max_ns = int(param(config, "inline_max_us", str(FAST_RUN_NS // 1000))) * 1000
         self.run_ns: float | None = None  # moving average of onnxruntime's run time per execution
         self.inline = False
         self.queue: deque[Pending] = deque()

@@ -16,7 +16,7 @@ from service.batcher import Batcher
 from service.config import complete, read_labels, specs
 from service.errors import ModelLoadError
 from service.metrics import Metrics
-from service.runtime import Instance, placement, session_options
+from service.runtime import Instance, placement, runs_fast, session_options
 from service.sequences import Sequences
 from service.stats import Recorder
 from service.tensors import BY_CONFIG, BYTES, TensorSpec
@@ -71,7 +71,12 @@ def load_version(model_dir: Path, version: int, config: model_config_pb2.ModelCo
     for note in place.notes:
         log.warning("model %s version %d: %s", name, version, note)
     sequences = Sequences(name, config) if config.HasField("sequence_batching") else None
-    _warmup(instances, config, inputs, sequences)
+    probe = _warmup(instances, config, inputs, sequences)
+    if place.intra_chosen and place.intra_threads > 1 and runs_fast(lambda: instances[0].run(probe)):
+        place.intra_threads = so.intra_op_num_threads = 1  # see runtime.FAST_RUN_NS
+        instances = [Instance(str(path), so, place) for _ in range(place.count)]
+        _warmup(instances, config, inputs, sequences)
+    config.parameters["intra_op_thread_count"].string_value = str(place.intra_threads)  # reported by ModelConfig
     recorder = Recorder(metrics, name, str(version))
     text = TextInput(config, inputs) if "text_input" in config.parameters else None
     mv = ModelVersion(name, version, config, inputs, outputs, labels, instances, providers, recorder,
@@ -108,8 +113,9 @@ def _sample(spec: TensorSpec, dims: list[int], batch: int, random: bool) -> np.n
 
 
 def _warmup(instances: list[Instance], config: model_config_pb2.ModelConfig, inputs: dict[str, TensorSpec],
-            sequences: Sequences | None) -> None:
-    """Config `model_warmup` samples, or one zero-data request of batch 1 (each dynamic dim 1)."""
+            sequences: Sequences | None) -> dict[str, np.ndarray]:
+    """Config `model_warmup` samples, or one zero-data request of batch 1 (each dynamic dim 1). Returns the first
+    sample's feeds, to time the model with."""
     plans = []
     for w in config.model_warmup:
         feeds = {}
@@ -127,13 +133,16 @@ def _warmup(instances: list[Instance], config: model_config_pb2.ModelConfig, inp
         feeds = {n: _sample(s, [1 if d == -1 else d for d in s.shape[1 if config.max_batch_size else 0:]], 1, False)
                  for n, s in inputs.items() if not s.optional}
         plans.append(("default", feeds, 1))
+    first: dict[str, np.ndarray] = {}
     for name, feeds, count in plans:
         if sequences:
             rows = next(iter(feeds.values())).shape[0] if feeds else 1
             feeds = {**feeds, **{st.input: np.zeros((rows, *st.dims), st.dtype) for st in sequences.states}}
+        first = first or feeds
         for inst in instances:
             for _ in range(count):
                 try:
                     inst.run(feeds)
                 except Exception as exc:
                     raise ModelLoadError(f"warmup {name!r} failed: {exc}") from exc
+    return first
