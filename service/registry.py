@@ -231,7 +231,7 @@ class Registry:
     def changed(self, name: str) -> bool:
         """Whether the folder differs from the snapshot its last load worked from (loaded or failed)."""
         model = self.models.get(name)
-        if model is None or model.source is None:
+        if model is None or model.source is None or not model.wanted:  # a removed folder that came back loads
             return True
         model_dir = self.root / name
         try:

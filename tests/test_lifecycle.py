@@ -102,11 +102,13 @@ def test_poll_counts_a_bad_config_once_and_forgets_removed_models(tmp_path):
         shutil.rmtree(repo / "gone")  # removed while failing: no longer counts against readiness
         _wait(lambda: stub.ServerReady(pb.ServerReadyRequest()).ready, what="ready once bad is fixed")
         assert stub.ModelReady(pb.ModelReadyRequest(name="bad")).ready
-        shutil.rmtree(repo / "good")  # a serving model removed: unloaded, and the server stays ready
+        shutil.move(repo / "good", tmp_path / "good")  # a serving model removed: unloaded, the server stays ready
         _wait(lambda: not stub.ModelReady(pb.ModelReadyRequest(name="good")).ready, what="good unloaded")
         assert stub.ServerReady(pb.ServerReadyRequest()).ready
         assert health.Check(health_pb2.HealthCheckRequest()).status == serving
         assert health.Check(health_pb2.HealthCheckRequest(service="good")).status != serving
+        shutil.move(tmp_path / "good", repo / "good")  # and put back as it was: it loads again
+        _wait(lambda: stub.ModelReady(pb.ModelReadyRequest(name="good")).ready, what="good back")
     finally:
         server.stop()
 
