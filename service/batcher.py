@@ -14,9 +14,10 @@ Two measured policies on top of Triton's:
 - Inline runs: a model whose runs take less than runtime.FAST_RUN_NS runs on the event loop thread itself; handing
   a 50 us run to a thread and back costs two thread wake-ups and more CPU than the run. Slower ones run in
   executor threads (onnxruntime releases the GIL), with hysteresis between the two.
-- Adaptive delay: max_queue_delay is an upper bound. When requests arrive further apart than the delay, waiting
-  cannot find a partner and only adds latency, so a lone request runs at once (parameter
-  `adaptive_queue_delay: "false"` restores Triton's always-wait behaviour)."""
+- Adaptive delay: max_queue_delay is an upper bound. While holding batches open finds them no company (a
+  concurrency-1 client sends nothing while it waits for its reply), requests run in the next loop iteration
+  with whatever arrived with them; a batch that finds company, or several requests arriving at once, turns
+  waiting back on (parameter `adaptive_queue_delay: "false"` restores Triton's always-wait behaviour)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ from service.stats import Recorder
 
 Outputs = dict[str, np.ndarray]
 REJECT = model_config_pb2.ModelQueuePolicy.TimeoutAction.REJECT
-GAP_WEIGHT = 0.2  # weight of the newest inter-arrival gap in its moving average
+GAIN_WEIGHT = 0.2  # weight of the newest batch in the moving average of what waiting gained
+PROBE_EVERY = 128  # while waiting does not pay, one arrival in this many waits anyway (under 1%: p99 holds)
 
 
 class Pending:
@@ -87,8 +89,9 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None  # the head's max_queue_delay
         self._soon = False  # a dispatch is already scheduled for this loop iteration
-        self._last_arrival = 0
-        self._gap_ns: float | None = None  # moving average of the time between arrivals
+        self._waits = True  # hold batches open (Triton's behaviour) until batches show it finds no company
+        self._gain: float | None = None  # moving average of the requests a waiting head was joined by
+        self._since_probe = 0
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -114,7 +117,7 @@ class Batcher:
             return self._run_inline(self.free.pop(), [Pending(feeds, rows, (), None, now)])[0]
         loop = self._loop
         p = Pending(feeds, rows, tuple(a.shape[1:] for a in feeds.values()) if self.batching else (),
-                    loop.create_future(), now, now + self._delay(now))
+                    loop.create_future(), now, now + self._delay())
         if timeout_us and self.reject_on_timeout:
             p.timer = loop.call_later(timeout_us / 1e6, self._expire, p, timeout_us)
         self.queue.append(p)
@@ -126,17 +129,28 @@ class Batcher:
             if p.timer:
                 p.timer.cancel()
 
-    def _delay(self, now: int) -> int:
-        """How long a request arriving now may wait for company: max_queue_delay, or (adaptive) nothing while
-        requests have been arriving further apart than the delay, since waiting would find no partner. Without
-        a delay its batch is what arrived in the same event-loop iteration."""
-        if not self.delay_ns or not self.adaptive:
+    def _delay(self) -> int:
+        """How long a request arriving now may hold its batch open for company: max_queue_delay while waiting
+        has been finding company, else nothing (its batch is what arrives in the same event-loop iteration),
+        except for one arrival in PROBE_EVERY, which waits to notice traffic that became dense."""
+        if self._waits or not self.delay_ns:
             return self.delay_ns
-        if self._last_arrival:
-            gap = min(now - self._last_arrival, 4 * self.delay_ns)  # one idle spell must not dominate the mean
-            self._gap_ns = gap if self._gap_ns is None else self._gap_ns + GAP_WEIGHT * (gap - self._gap_ns)
-        self._last_arrival = now
-        return self.delay_ns if self._gap_ns is None or self._gap_ns < self.delay_ns else 0
+        self._since_probe += 1
+        if self._since_probe >= PROBE_EVERY:
+            self._since_probe = 0
+            return self.delay_ns
+        return 0
+
+    def _learn(self, batch: list[Pending]) -> None:
+        """Adaptive delay: did holding the head's batch open pay? Concurrency-1 clients never send a partner
+        while they wait for their reply, so there waiting is pure latency; concurrent ones do."""
+        head = batch[0]
+        if head.deadline > head.enqueued:  # the head waited: count the company it found
+            gained = len(batch) - 1
+            self._gain = gained if self._gain is None else self._gain + GAIN_WEIGHT * (gained - self._gain)
+            self._waits = self._gain >= 1.0
+        elif len(batch) > 1:  # several arrived at once without waiting: traffic is concurrent, try waiting
+            self._waits = True
 
     def _expire(self, p: Pending, timeout_us: int) -> None:
         if not p.future.done():
@@ -174,6 +188,8 @@ class Batcher:
             self._arm(head.deadline)  # the rows that arrived are other shapes, or dead: the head waits on
             return
         batch = self._take()
+        if self.adaptive and self.delay_ns:
+            self._learn(batch)
         instance = self.free.pop()
         if self.inline:
             try:

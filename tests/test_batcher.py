@@ -106,9 +106,10 @@ def test_max_queue_delay_is_honoured(tmp_path):
 
 
 @pytest.mark.parametrize("adaptive", [True, False])
-def test_adaptive_delay_skips_the_wait_only_when_arrivals_are_sparse(tmp_path, adaptive):
-    """max_queue_delay is an upper bound: once requests arrive further apart than the delay, a lone request runs
-    at once (waiting could not find it a partner); `adaptive_queue_delay: "false"` always waits, like Triton."""
+def test_adaptive_delay_stops_waiting_when_waiting_finds_no_company(tmp_path, adaptive):
+    """max_queue_delay is an upper bound: a client that sends one request at a time never sends a partner while
+    it waits, so once a held-open batch found no company the next requests run at once; a burst still makes one
+    batch. `adaptive_queue_delay: "false"` always waits, like Triton."""
     b = make_batcher(tmp_path, add_sub_model(), "max_batch_size: 8\ndynamic_batching { "
                      "max_queue_delay_microseconds: 200000 }\n"
                      f'parameters {{ key: "adaptive_queue_delay" value {{ string_value: "{adaptive}" }} }}')
@@ -117,21 +118,23 @@ def test_adaptive_delay_skips_the_wait_only_when_arrivals_are_sparse(tmp_path, a
     async def main():
         b.start()
         took = []
-        for _ in range(3):  # arrivals further apart than the delay
+        for _ in range(3):  # one request at a time, as a concurrency-1 client sends them
             t0 = time.perf_counter()
             await b.submit({"x": x, "y": x}, 1)
             took.append(time.perf_counter() - t0)
-            await asyncio.sleep(0.25)
         burst = await asyncio.gather(*(b.submit({"x": x, "y": x}, 1) for _ in range(8)))
-        return took, burst
+        t0 = time.perf_counter()
+        await b.submit({"x": x, "y": x}, 1)
+        return took, burst, time.perf_counter() - t0
 
-    took, burst = run(main())
-    assert took[0] >= 0.19  # no history yet: the first waits for company, as Triton does
+    took, burst, after_burst = run(main())
+    assert took[0] >= 0.19  # nothing learnt yet: the first waits for company, as Triton does
     if adaptive:
         assert max(took[1:]) < 0.1
     else:
         assert min(took[1:]) >= 0.19
-    assert len(burst) == 8 and 8 in b.recorder.per_batch  # a burst still makes one full batch
+    assert len(burst) == 8 and 8 in b.recorder.per_batch  # a burst still makes one full batch...
+    assert after_burst >= 0.19  # ...and concurrent arrivals turn waiting back on
 
 
 def _busy(tmp_path, config: str) -> Batcher:
