@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from service import logs, settings
 from service._proto import inference_pb2
 from service.dataplane import DataPlane
+from service.errors import NotFound
 from service.grpc_api import Servicer, add_to_server
 from service.metrics import Metrics
 from service.registry import Registry
@@ -102,7 +103,12 @@ async def serve(args) -> int:
     registry = Registry(Path(args.repository), metrics, cores=max(1, (os.cpu_count() or 1) // workers))
     interceptors = []
     if args.auth_token_file:
-        tokens = [t.strip().encode() for t in Path(args.auth_token_file).read_text().splitlines() if t.strip()]
+        try:
+            text = Path(args.auth_token_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            log.error("--auth-token-file %s cannot be read as UTF-8 text: %s", args.auth_token_file, exc)
+            return 2
+        tokens = [t.strip().encode() for t in text.splitlines() if t.strip()]
         if not tokens:
             log.error("--auth-token-file %s holds no token", args.auth_token_file)
             return 2
@@ -156,7 +162,10 @@ async def _initial_load(registry: Registry, args) -> None:
             log.error("--load-model %s: no such model folder in %s", missing, args.repository)
         names = [n for n in args.load_model if n in names]
     for name in names:
-        await registry.load(name)
+        try:
+            await registry.load(name)
+        except NotFound:  # the folder went away since the scan: nothing to serve, nothing to stop for
+            log.warning("model folder %s disappeared before it was loaded", name)
 
 
 async def _poll(registry: Registry, state: ServerState, every: float) -> None:

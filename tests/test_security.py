@@ -90,6 +90,16 @@ def test_closed_health_and_the_streaming_rpc_need_the_token(repo, tmp_path):
         server.stop()
 
 
+def test_unreadable_token_file_stops_the_server_plainly(repo, tmp_path):
+    for name, content in (("latin1", b"caf\xe9-secret\n"), ("empty", b"\n\n")):
+        tokens = tmp_path / name
+        tokens.write_bytes(content)
+        server = Server(repo, "--auth-token-file", str(tokens), wait_ready=False)
+        assert server.proc.wait(30) == 2
+        assert "Traceback" not in server.log() and "--auth-token-file" in server.log(), server.log()
+        server.stop()
+
+
 def _certs(d):
     """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, made with openssl."""
 
