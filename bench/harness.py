@@ -172,6 +172,21 @@ class Run:
             self.say(f"batching on {on.requests_per_s:,.0f} req/s, off {off.requests_per_s:,.0f} req/s "
                      f"({on.requests_per_s / off.requests_per_s:.2f}x)")
 
+    def workers(self, server: Target, version: str) -> None:
+        """`--workers N` (N = the cores) against the one-process server, digits_cnn batch 1, ABBA. SO_REUSEPORT
+        spreads connections, not requests, over the workers: perf_analyzer opens several connections."""
+        n = max(2, cores())
+        with deepserve(self.repo.root, self.logs, f"server_workers{n}", "--workers", str(n)).start() as many:
+            self.warm(many, DIGITS, version, 1, 400)
+            for conc in [c for c in self.plan.concurrency if c >= 32] or self.plan.concurrency[-1:]:
+                pair = self.abba(lambda c=conc: self.point(server, DIGITS, version, 1, c, "server"),
+                                 lambda c=conc: self.point(many, DIGITS, version, 1, c, f"server --workers {n}"))
+                if pair:
+                    self.results.workers.append((n, *pair))
+                    one, more = pair
+                    self.say(f"--workers {n} c{conc}: {more.requests_per_s:,.0f} req/s vs one process "
+                             f"{one.requests_per_s:,.0f} ({more.requests_per_s / one.requests_per_s:.2f}x)")
+
     def compute_and_resnet(self, server: Target) -> None:
         """Compute ceilings for both models; for the resnet, one before and one after each server point, and the
         point's ratio against the mean of the two (the ceiling right beside it in time)."""
@@ -343,6 +358,7 @@ def bench_main(argv: list[str]) -> int:
                 for c in ceilings.values():
                     c.stop()
             run.batching(server, version)
+            run.workers(server, version)
             run.compute_and_resnet(server)
             if plan.profile != "off":
                 run.profiles(server, version)

@@ -107,11 +107,12 @@ class Target:
         self.stop()
 
 
-def deepserve(repository: Path, logs: Path, name: str = "server") -> Target:
-    """`deepserve serve` with its defaults, on loopback, metrics on a free port too (never the fixed 8002)."""
+def deepserve(repository: Path, logs: Path, name: str = "server", *extra: str) -> Target:
+    """`deepserve serve` with its defaults (plus `extra` flags), on loopback, metrics on a free port too (never
+    the fixed 8002)."""
     port, metrics = free_port(), free_port()
     argv = [sys.executable, "-m", "service.cli", "serve", "--repository", str(repository), "--grpc-port", str(port),
-            "--metrics-port", str(metrics), "--host", "127.0.0.1"]
+            "--metrics-port", str(metrics), "--host", "127.0.0.1", *extra]
     return Target(name, argv, port, logs / f"{name}.log")
 
 

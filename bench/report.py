@@ -38,6 +38,7 @@ class Results:
     resnet: list[tuple[Measurement, float]] = field(default_factory=list)  # (server, compute ceiling beside it)
     compute: list[ComputeCeiling] = field(default_factory=list)  # every run, in order
     batching: tuple[Measurement, Measurement] | None = None  # (on, off)
+    workers: list[tuple[int, Measurement, Measurement]] = field(default_factory=list)  # (N, one process, N)
     leak: list[tuple[int, int]] = field(default_factory=list)  # (requests served since start, RSS bytes)
     cpu: list[CpuCost] = field(default_factory=list)
     profile: list[str] = field(default_factory=list)
@@ -151,6 +152,16 @@ def markdown(r: Results, leak_low: int, leak_high: int) -> str:
                   f"| off ({off.model}) | {off.requests_per_s:,.0f} | {_lat(off)} |",
                   "", f"On / off: **{on.requests_per_s / off.requests_per_s:.2f}x** requests/s, "
                   f"{on.p99_ms / off.p99_ms:.2f}x p99."]
+    if r.workers:
+        n = r.workers[0][0]
+        lines += ["", f"## --workers {n} vs one process ({r.digits_model}, batch 1)", "",
+                  f"{n} server processes share the port (SO_REUSEPORT), each with its own event loop; the kernel "
+                  "spreads connections, not requests, over them, and the load generator runs on the same cores.",
+                  "", "| concurrency | one process req/s | workers req/s | ratio | p99 one / workers ms |",
+                  "| ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {one.concurrency} | {one.requests_per_s:,.0f} | {many.requests_per_s:,.0f} | "
+                  f"**{many.requests_per_s / one.requests_per_s:.2f}x** | {one.p99_ms:.2f} / {many.p99_ms:.2f} |"
+                  for _, one, many in r.workers]
     if r.leak:
         base = next((rss for n, rss in r.leak if n >= leak_low), r.leak[0][1])
         lines += ["", "## Server memory under load (leak check, fresh server)", "",
@@ -221,6 +232,7 @@ def write(r: Results, out: Path, leak_low: int, leak_high: int) -> list[Path]:
             "resnet": [{"server": m.to_dict(), "ceiling_samples_per_s": c} for m, c in r.resnet],
             "compute": [c.to_dict() for c in r.compute],
             "batching": {"on": r.batching[0].to_dict(), "off": r.batching[1].to_dict()} if r.batching else None,
+            "workers": [{"workers": n, "one": one.to_dict(), "many": many.to_dict()} for n, one, many in r.workers],
             "leak": [{"requests": n, "rss_bytes": rss} for n, rss in r.leak],
             "cpu_per_request": [c.__dict__ for c in r.cpu],
             "targets": [v.__dict__ for v in verdicts(r, leak_low, leak_high)], "errors": r.errors}

@@ -125,6 +125,8 @@ def test_bench_smoke_run_writes_a_well_formed_report(tmp_path):
     assert all(m["ceiling_samples_per_s"] > 0 for m in data["resnet"])
     assert data["batching"]["on"]["model"] == "digits_cnn" and data["batching"]["off"]["model"] == "digits_cnn_nobatch"
     assert [p["requests"] for p in data["leak"]] == [100, 200] and all(p["rss_bytes"] > 0 for p in data["leak"])
+    assert [(w["workers"] >= 2, w["one"]["concurrency"]) for w in data["workers"]] == [(True, 2)]
+    assert all(w[side]["infer_per_s"] > 0 for w in data["workers"] for side in ("one", "many"))
     assert len(data["targets"]) == 5 and not data["errors"]
     assert [c["target"] for c in data["cpu_per_request"]] == ["server (digits_cnn)", "transport ceiling"] * 2 + [
         "server (digits_cnn_nobatch)"] and all(c["ms_per_request"] > 0 for c in data["cpu_per_request"])
