@@ -49,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set by the supervisor
     add("--max-inflight", 2048, "server-wide limit of inference requests in flight; beyond it UNAVAILABLE at once")
     add("--max-message-bytes", 64 * 1024 * 1024, "largest gRPC message accepted or sent")
-    add("--max-elements", 1 << 26, "largest number of elements in one input tensor, checked before allocation")
+    add("--max-elements", 1 << 26, "largest number of elements in one request (all its inputs), checked before "
+        "allocation")
     add("--shutdown-grace-secs", 0.0, "after SIGTERM, keep accepting new requests this long (health already "
         "NOT_SERVING), so load balancers can stop routing here")
     add("--drain-secs", 30.0, "after SIGTERM, wait at most this long for accepted requests to finish")

@@ -301,3 +301,21 @@ def test_internal_error_carries_the_request_id_that_the_log_names(edge_server, e
         at = log.rfind(m.group(1))
         assert at >= 0 and "Traceback (most recent call last)" in log[at:], log[-3000:]
     np.testing.assert_array_equal(outputs(edge_stub.ModelInfer(_gather([1])))["value"], [[1.5]])
+
+
+def test_max_elements_bounds_the_whole_request(repository):
+    """--max-elements counts every input of a request: two inputs under the limit each, over it together."""
+    server = support.Server(repository, "--max-elements", "40", "--no-strict-readiness")
+    try:
+        with server.channel() as ch:
+            from service._proto import inference_pb2_grpc
+
+            stub = inference_pb2_grpc.GRPCInferenceServiceStub(ch)
+            x = np.ones((4, 4), np.float32)  # 16 elements each: 32 in all, under 40
+            np.testing.assert_array_equal(outputs(stub.ModelInfer(request("add_sub", x=x, y=x)))["sum"], 2 * x)
+            x = np.ones((6, 4), np.float32)  # 24 each: under 40 alone, 48 together
+            code, details = _answer(stub, request("add_sub", x=x, y=x))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "input 'y'" in details and "other inputs hold 24" in details and "limit of 40" in details, details
+    finally:
+        server.stop()
