@@ -76,6 +76,7 @@ class Batcher:
         policy = dyn.default_queue_policy if dyn else model_config_pb2.ModelQueuePolicy()
         self.max_queue = policy.max_queue_size
         self.default_timeout_us = policy.default_timeout_microseconds
+        self.allow_timeout_override = policy.allow_timeout_override
         self.reject_on_timeout = policy.timeout_action == REJECT
         self.target = (self.preferred[-1] if self.preferred else self.max_batch) if self.batching else 1
         self.adaptive = param(config, "adaptive_queue_delay", "true").lower() not in ("0", "false", "no", "off")
@@ -111,7 +112,7 @@ class Batcher:
         if self.max_queue and len(self.queue) >= self.max_queue:
             raise Unavailable(f"model {self.name!r}: queue full ({self.max_queue} requests waiting); retry later")
         now = time.perf_counter_ns()
-        timeout_us = timeout_us or self.default_timeout_us
+        timeout_us = self._timeout(timeout_us)
         if not self.batching and self.inline and not self.queue and self.free and not timeout_us:
             # idle fast path: no partner is possible and nothing is queued, so run right here
             return self._run_inline(self.free.pop(), [Pending(feeds, rows, (), None, now)])[0]
@@ -128,6 +129,14 @@ class Batcher:
         finally:
             if p.timer:
                 p.timer.cancel()
+
+    def _timeout(self, requested_us: int) -> int:
+        """Triton's queue policy: with a default timeout, a request may only shorten it, and only when
+        allow_timeout_override is set; without one (0: none), the request's own timeout parameter applies."""
+        default = self.default_timeout_us
+        if not default:
+            return requested_us
+        return requested_us if self.allow_timeout_override and 0 < requested_us < default else default
 
     def _delay(self) -> int:
         """How long a request arriving now may hold its batch open for company: max_queue_delay while waiting
@@ -229,6 +238,9 @@ class Batcher:
             if self.preferred and rows not in self.preferred:
                 batch = self._cut_to_preferred(batch)
         self.queued_rows = sum(p.rows for p in self.queue)
+        for p in batch:
+            if p.timer:  # its queue timeout no longer applies: it runs now
+                p.timer.cancel()
         return batch
 
     def _cut_to_preferred(self, batch: list[Pending]) -> list[Pending]:

@@ -85,6 +85,8 @@ def _unsupported(config: ModelConfig) -> list[str]:
     found = []
     if config.dynamic_batching.preserve_ordering:
         found.append("dynamic_batching.preserve_ordering")
+    if config.dynamic_batching.default_queue_policy.timeout_action:  # DELAY: deprioritise instead of refusing
+        found.append("dynamic_batching.default_queue_policy.timeout_action DELAY")
     sb = config.sequence_batching
     if sb.direct.minimum_slot_utilization:
         found.append("sequence_batching.direct.minimum_slot_utilization")

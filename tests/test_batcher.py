@@ -183,6 +183,30 @@ def test_timeout_in_queue_and_cancelled_requests_never_run(tmp_path):
     assert b.recorder.execution_count == 1  # neither the timed-out nor the cancelled request ran
 
 
+def test_queue_policy_timeout_override_as_triton(tmp_path):
+    """With a default timeout a request may only shorten it, and only with allow_timeout_override; a request
+    that starts running before its timeout is answered, not timed out."""
+    x = np.ones((1, 1), np.float32)
+    policy = "max_batch_size: 1\ndynamic_batching { default_queue_policy { default_timeout_microseconds: 150000 "
+    strict = make_batcher(tmp_path / "a", slow_model(n=1000, reps=60), policy + "} }")  # ~0.3 s a run
+    lenient = make_batcher(tmp_path / "b", slow_model(n=1000, reps=60), policy + "allow_timeout_override: true } }")
+
+    async def main(b: Batcher, requested_us: int) -> float:
+        b.start()
+        first = asyncio.ensure_future(b.submit({"x": x}, 1, timeout_us=requested_us))  # runs longer than any
+        await asyncio.sleep(0.005)                                                      # timeout here
+        t0 = time.perf_counter()
+        with pytest.raises(Unavailable, match="timed out"):  # stuck behind `first`
+            await b.submit({"x": x}, 1, timeout_us=requested_us)
+        waited = time.perf_counter() - t0
+        np.testing.assert_array_equal((await first)["y"], x)  # it ran: its queue timeout no longer applied
+        return waited
+
+    run(main(strict, 10_000_000))  # timed out: a longer request timeout never extends the default
+    assert run(main(strict, 5_000)) >= 0.14  # nor may a shorter one shorten it without allow_timeout_override
+    assert run(main(lenient, 5_000)) < 0.1  # with it, it may
+
+
 def test_no_batching_runs_each_request_alone(tmp_path):
     b = make_batcher(tmp_path, add_sub_model(), "max_batch_size: 8")
     x = np.ones((2, 4), np.float32)

@@ -38,6 +38,8 @@ BAD = {
     # Fields in the schema that deepserve does not implement: named, never silently ignored.
     "preserve_ordering": ('max_batch_size: 4\ndynamic_batching { preserve_ordering: true }\n',
                           "dynamic_batching.preserve_ordering"),
+    "timeout_delay": ('max_batch_size: 4\ndynamic_batching { default_queue_policy { timeout_action: DELAY } }\n',
+                      "timeout_action DELAY"),
     "slot_utilization": ('max_batch_size: 4\nsequence_batching { direct { minimum_slot_utilization: 0.5 } '
                          'state [ { input_name: "x" output_name: "sum" data_type: TYPE_FP32 dims: [ 4 ] } ] }\n',
                          "sequence_batching.direct.minimum_slot_utilization"),
