@@ -18,7 +18,9 @@ Two measured policies on top of Triton's:
 - Adaptive delay: max_queue_delay is an upper bound. While holding batches open finds them no company (a
   concurrency-1 client sends nothing while it waits for its reply), requests run in the next loop iteration
   with whatever arrived with them; a batch that finds company, or several requests arriving at once, turns
-  waiting back on (parameter `adaptive_queue_delay: "false"` restores Triton's always-wait behaviour)."""
+  waiting back on. And a batch that has gathered as many rows as waiting out the delay has been gathering goes
+  at once (one in PATIENT_EVERY still waits it out, to keep that figure current). Parameter
+  `adaptive_queue_delay: "false"` restores Triton's always-wait behaviour."""
 
 from __future__ import annotations
 
@@ -38,16 +40,18 @@ Outputs = dict[str, np.ndarray]
 REJECT = model_config_pb2.ModelQueuePolicy.TimeoutAction.REJECT
 INLINE_MAX_NS = 1_000_000  # longest a batch may block the event loop (the other requests' decode and replies)
 GAIN_WEIGHT = 0.2  # weight of the newest batch in the moving average of what waiting gained
+PATIENT_EVERY = 8  # one waiting head in this many waits out the whole delay, to keep measuring the fill
 PROBE_EVERY = 128  # while waiting does not pay, one arrival in this many waits anyway (under 1%: p99 holds)
 
 
 class Pending:
-    __slots__ = ("feeds", "rows", "key", "future", "enqueued", "deadline", "timer")
+    __slots__ = ("feeds", "rows", "key", "future", "enqueued", "deadline", "patient", "timer")
 
     def __init__(self, feeds: dict[str, np.ndarray], rows: int, key: tuple, future: asyncio.Future | None,
-                 enqueued: int, deadline: int = 0) -> None:
+                 enqueued: int, deadline: int = 0, patient: bool = False) -> None:
         self.feeds, self.rows, self.key, self.future, self.enqueued = feeds, rows, key, future, enqueued
         self.deadline = deadline  # until when its batch may wait for company (perf_counter_ns)
+        self.patient = patient  # as its head, the batch waits out the whole delay (adaptive: to measure the fill)
         self.timer: asyncio.TimerHandle | None = None
 
 
@@ -94,6 +98,8 @@ class Batcher:
         self._waits = True  # hold batches open (Triton's behaviour) until batches show it finds no company
         self._gain: float | None = None  # moving average of the requests a waiting head was joined by
         self._since_probe = 0
+        self._fill: float | None = None  # moving average of the rows a batch gathers by waiting out the delay
+        self._waiting_heads = 0
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -118,8 +124,13 @@ class Batcher:
             # idle fast path: no partner is possible and nothing is queued, so run right here
             return self._run_inline(self.free.pop(), [Pending(feeds, rows, (), None, now)])[0]
         loop = self._loop
+        delay = self._delay()
+        patient = False
+        if delay and self.adaptive:
+            self._waiting_heads += 1
+            patient = self._fill is None or self._waiting_heads % PATIENT_EVERY == 0
         p = Pending(feeds, rows, tuple(a.shape[1:] for a in feeds.values()) if self.batching else (),
-                    loop.create_future(), now, now + self._delay())
+                    loop.create_future(), now, now + delay, patient)
         if timeout_us and self.reject_on_timeout:
             p.timer = loop.call_later(timeout_us / 1e6, self._expire, p, timeout_us)
         self.queue.append(p)
@@ -151,16 +162,27 @@ class Batcher:
             return self.delay_ns
         return 0
 
-    def _learn(self, batch: list[Pending]) -> None:
+    def _learn(self, batch: list[Pending], now: int) -> None:
         """Adaptive delay: did holding the head's batch open pay? Concurrency-1 clients never send a partner
-        while they wait for their reply, so there waiting is pure latency; concurrent ones do."""
+        while they wait for their reply, so there waiting is pure latency; concurrent ones do. A batch that
+        waited out the whole delay also says how many rows a wait gathers (the fill)."""
         head = batch[0]
         if head.deadline > head.enqueued:  # the head waited: count the company it found
             gained = len(batch) - 1
             self._gain = gained if self._gain is None else self._gain + GAIN_WEIGHT * (gained - self._gain)
             self._waits = self._gain >= 1.0
-        elif len(batch) > 1:  # several arrived at once without waiting: traffic is concurrent, try waiting
+            if now >= head.deadline:
+                rows = sum(p.rows for p in batch)
+                self._fill = rows if self._fill is None else self._fill + GAIN_WEIGHT * (rows - self._fill)
+        elif len(batch) > 1 and not self._waits:  # several arrived at once without waiting: concurrent traffic
             self._waits = True
+            self._fill = None  # gathered under the old traffic: measure afresh
+
+    def _enough(self, head: Pending, rows: int) -> bool:
+        """Rows that need not wait any longer: the target (preferred or max batch size), or (adaptive) what
+        waiting out the delay has been gathering. Four clients at concurrency 4 send four requests: once they
+        are here, waiting on would find nobody."""
+        return rows >= self.target or (not head.patient and self._fill is not None and rows >= self._fill)
 
     def _expire(self, p: Pending, timeout_us: int) -> None:
         if not p.future.done():
@@ -173,7 +195,7 @@ class Batcher:
         if self._soon or not self.free or not self.queue:
             return
         head = self.queue[0]
-        if self.queued_rows < self.target and time.perf_counter_ns() < head.deadline:
+        if time.perf_counter_ns() < head.deadline and not self._enough(head, self.queued_rows):
             self._arm(head.deadline)
             return
         self._soon = True
@@ -194,12 +216,13 @@ class Batcher:
         if not self.queue:
             return
         head = self.queue[0]
-        if time.perf_counter_ns() < head.deadline and self._rows_like(head) < self.target:
+        now = time.perf_counter_ns()
+        if now < head.deadline and not self._enough(head, self._rows_like(head)):
             self._arm(head.deadline)  # the rows that arrived are other shapes, or dead: the head waits on
             return
         batch = self._take()
         if self.adaptive and self.delay_ns:
-            self._learn(batch)
+            self._learn(batch, now)
         instance = self.free.pop()
         if self._inline(sum(p.rows for p in batch)):
             try:

@@ -183,6 +183,30 @@ def test_timeout_in_queue_and_cancelled_requests_never_run(tmp_path):
     assert b.recorder.execution_count == 1  # neither the timed-out nor the cancelled request ran
 
 
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_adaptive_delay_sends_a_batch_once_it_holds_what_a_full_wait_gathers(tmp_path, adaptive):
+    """Four clients in lockstep send four requests per round: once the batch has them, waiting on would find
+    nobody, so (adaptive) it goes at once; one head in eight still waits the delay out to keep that figure."""
+    b = make_batcher(tmp_path, add_sub_model(), "max_batch_size: 64\ndynamic_batching { "
+                     "max_queue_delay_microseconds: 200000 }\n"
+                     f'parameters {{ key: "adaptive_queue_delay" value {{ string_value: "{adaptive}" }} }}')
+    x = np.ones((1, 4), np.float32)
+
+    async def main():
+        b.start()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            await asyncio.gather(*(b.submit({"x": x, "y": x}, 1) for _ in range(4)))
+        return time.perf_counter() - t0
+
+    took = run(main())
+    assert set(b.recorder.per_batch) == {4} and b.recorder.execution_count == 10
+    if adaptive:
+        assert took < 1.0  # two or three full waits of 0.2 s, not ten
+    else:
+        assert took >= 2.0
+
+
 def test_queue_policy_timeout_override_as_triton(tmp_path):
     """With a default timeout a request may only shorten it, and only with allow_timeout_override; a request
     that starts running before its timeout is answered, not timed out."""
