@@ -32,12 +32,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from service._proto import model_config_pb2
-from service.errors import ServingError, Unavailable
+from service.errors import ModelLoadError, ServingError, Unavailable
 from service.runtime import FAST_RUN_NS, Instance, param
 from service.stats import Recorder
 
 Outputs = dict[str, np.ndarray]
-REJECT = model_config_pb2.ModelQueuePolicy.TimeoutAction.REJECT
 INLINE_MAX_NS = 1_000_000  # longest a batch may block the event loop (the other requests' decode and replies)
 GAIN_WEIGHT = 0.2  # weight of the newest batch in the moving average of what waiting gained
 PATIENT_EVERY = 8  # one waiting head in this many waits out the whole delay, to keep measuring the fill
@@ -45,7 +44,7 @@ PROBE_EVERY = 128  # while waiting does not pay, one arrival in this many waits 
 
 
 class Pending:
-    __slots__ = ("feeds", "rows", "key", "future", "enqueued", "deadline", "patient", "timer")
+    __slots__ = ("feeds", "rows", "key", "future", "enqueued", "deadline", "patient", "timer", "taken")
 
     def __init__(self, feeds: dict[str, np.ndarray], rows: int, key: tuple, future: asyncio.Future | None,
                  enqueued: int, deadline: int = 0, patient: bool = False) -> None:
@@ -53,6 +52,7 @@ class Pending:
         self.deadline = deadline  # until when its batch may wait for company (perf_counter_ns)
         self.patient = patient  # as its head, the batch waits out the whole delay (adaptive: to measure the fill)
         self.timer: asyncio.TimerHandle | None = None
+        self.taken = False  # in a batch: no longer counts against max_queue_size
 
 
 class ExecutionError(ServingError):
@@ -83,13 +83,17 @@ class Batcher:
         self.max_queue = policy.max_queue_size
         self.default_timeout_us = policy.default_timeout_microseconds
         self.allow_timeout_override = policy.allow_timeout_override
-        self.reject_on_timeout = policy.timeout_action == REJECT
         self.target = (self.preferred[-1] if self.preferred else self.max_batch) if self.batching else 1
         self.adaptive = param(config, "adaptive_queue_delay", "true").lower() not in ("0", "false", "no", "off")
-        self.inline_max_ns = int(param(config, "inline_max_us", str(INLINE_MAX_NS // 1000))) * 1000
+        try:
+            self.inline_max_ns = int(param(config, "inline_max_us", str(INLINE_MAX_NS // 1000))) * 1000
+        except ValueError:
+            raise ModelLoadError(f"parameters inline_max_us must be an integer (microseconds), got "
+                                 f"{param(config, 'inline_max_us')!r}") from None
         self.row_ns: float | None = None  # moving average of onnxruntime's run time per row (sample)
         self.queue: deque[Pending] = deque()
         self.queued_rows = 0  # rows in the queue, live or not: only an upper bound for "a batch is complete"
+        self.waiting = 0  # live requests in the queue: what max_queue_size bounds (timed-out ones do not count)
         self.executor = ThreadPoolExecutor(max_workers=len(instances), thread_name_prefix=f"ort-{name}")
         self.closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -99,7 +103,7 @@ class Batcher:
         self._gain: float | None = None  # moving average of the requests a waiting head was joined by
         self._since_probe = 0
         self._fill: float | None = None  # moving average of the rows a batch gathers by waiting out the delay
-        self._waiting_heads = 0
+        self._heads = 0  # requests that arrived to an empty queue, each the head of a batch
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -116,29 +120,31 @@ class Batcher:
         """Queue one request and wait for its rows of the outputs."""
         if self.closed:
             raise Unavailable(f"model {self.name!r}: this version was unloaded; retry")
-        if self.max_queue and len(self.queue) >= self.max_queue:
+        if self.max_queue and self.waiting >= self.max_queue:
             raise Unavailable(f"model {self.name!r}: queue full ({self.max_queue} requests waiting); retry later")
         now = time.perf_counter_ns()
         timeout_us = self._timeout(timeout_us)
         if not self.batching and not self.queue and self.free and not timeout_us and self._inline(rows):
             # idle fast path: no partner is possible and nothing is queued, so run right here
-            return self._run_inline(self.free.pop(), [Pending(feeds, rows, (), None, now)])[0]
+            return self._run_inline(self.free.pop(), [Pending(feeds, rows, (), None, now)], rows)[0]
         loop = self._loop
-        delay = self._delay()
-        patient = False
-        if delay and self.adaptive:
-            self._waiting_heads += 1
-            patient = self._fill is None or self._waiting_heads % PATIENT_EVERY == 0
+        delay, patient = self._delay()
+        if delay and self.adaptive and not self.queue:  # it arrives first: the head of the next batch
+            self._heads += 1
+            patient = patient or self._fill is None or self._heads % PATIENT_EVERY == 0
         p = Pending(feeds, rows, tuple(a.shape[1:] for a in feeds.values()) if self.batching else (),
                     loop.create_future(), now, now + delay, patient)
-        if timeout_us and self.reject_on_timeout:
+        if timeout_us:  # timeout_action DELAY is refused at load: a request past its timeout is refused
             p.timer = loop.call_later(timeout_us / 1e6, self._expire, p, timeout_us)
         self.queue.append(p)
         self.queued_rows += rows
+        self.waiting += 1
         self._kick()
         try:
             return await p.future
         finally:
+            if not p.taken:  # timed out or cancelled while queued
+                self.waiting -= 1
             if p.timer:
                 p.timer.cancel()
 
@@ -150,19 +156,20 @@ class Batcher:
             return requested_us
         return requested_us if self.allow_timeout_override and 0 < requested_us < default else default
 
-    def _delay(self) -> int:
+    def _delay(self) -> tuple[int, bool]:
         """How long a request arriving now may hold its batch open for company: max_queue_delay while waiting
         has been finding company, else nothing (its batch is what arrives in the same event-loop iteration),
-        except for one arrival in PROBE_EVERY, which waits to notice traffic that became dense."""
+        except for one arrival in PROBE_EVERY, which waits the delay out to notice traffic that became dense.
+        Returns the delay and whether its batch must wait all of it (a probe)."""
         if self._waits or not self.delay_ns:
-            return self.delay_ns
+            return self.delay_ns, False
         self._since_probe += 1
         if self._since_probe >= PROBE_EVERY:
             self._since_probe = 0
-            return self.delay_ns
-        return 0
+            return self.delay_ns, True
+        return 0, False
 
-    def _learn(self, batch: list[Pending], now: int) -> None:
+    def _learn(self, batch: list[Pending], rows: int, now: int) -> None:
         """Adaptive delay: did holding the head's batch open pay? Concurrency-1 clients never send a partner
         while they wait for their reply, so there waiting is pure latency; concurrent ones do. A batch that
         waited out the whole delay also says how many rows a wait gathers (the fill)."""
@@ -172,7 +179,6 @@ class Batcher:
             self._gain = gained if self._gain is None else self._gain + GAIN_WEIGHT * (gained - self._gain)
             self._waits = self._gain >= 1.0
             if now >= head.deadline:
-                rows = sum(p.rows for p in batch)
                 self._fill = rows if self._fill is None else self._fill + GAIN_WEIGHT * (rows - self._fill)
         elif len(batch) > 1 and not self._waits:  # several arrived at once without waiting: concurrent traffic
             self._waits = True
@@ -192,6 +198,7 @@ class Batcher:
     def _kick(self) -> None:
         """Arrange the next dispatch: now (next loop iteration) when a batch can go, else at the head's deadline.
         Called on every arrival, so it only compares counters."""
+        self._drop_dead()  # a dead head's deadline must not hold the live ones
         if self._soon or not self.free or not self.queue:
             return
         head = self.queue[0]
@@ -220,18 +227,24 @@ class Batcher:
         if now < head.deadline and not self._enough(head, self._rows_like(head)):
             self._arm(head.deadline)  # the rows that arrived are other shapes, or dead: the head waits on
             return
-        batch = self._take()
-        if self.adaptive and self.delay_ns:
-            self._learn(batch, now)
+        batch, rows = self._take()
         instance = self.free.pop()
-        if self._inline(sum(p.rows for p in batch)):
-            try:
-                self._deliver(batch, self._run_inline(instance, batch))
-            except ServingError as exc:
-                self._deliver(batch, exc)
-        else:
-            self._spawn(instance, batch)
-        self._kick()  # more queued: the next batch goes in a later iteration, after replies and new arrivals
+        try:
+            if self.adaptive and self.delay_ns:
+                self._learn(batch, rows, now)
+            if self._inline(rows):
+                self._deliver(batch, self._run_inline(instance, batch, rows))
+            else:
+                self._spawn(instance, batch, rows)
+        except ServingError as exc:
+            self._deliver(batch, exc)
+        except BaseException as exc:  # a bug here must not leave the batch unanswered or the instance lost
+            if instance not in self.free:
+                self.free.append(instance)
+            self._deliver(batch, self._failed(batch, exc))
+            raise
+        finally:
+            self._kick()  # more queued: the next batch goes in a later iteration, after replies and arrivals
 
     def _drop_dead(self) -> None:
         while self.queue and self.queue[0].future.done():  # cancelled by its client, or timed out
@@ -240,8 +253,9 @@ class Batcher:
     def _rows_like(self, head: Pending) -> int:
         return sum(p.rows for p in self.queue if p.key == head.key and not p.future.done())
 
-    def _take(self) -> list[Pending]:
-        """The oldest live request and, when batching, the compatible ones behind it, in arrival order."""
+    def _take(self) -> tuple[list[Pending], int]:
+        """The oldest live request and, when batching, the compatible ones behind it, in arrival order; and
+        their rows."""
         head = self.queue.popleft()
         batch, rows = [head], head.rows
         if self.batching and rows < self.max_batch:
@@ -261,11 +275,14 @@ class Batcher:
             self.queue = keep
             if self.preferred and rows not in self.preferred:
                 batch = self._cut_to_preferred(batch)
+                rows = sum(p.rows for p in batch)
         self.queued_rows = sum(p.rows for p in self.queue)
+        self.waiting -= len(batch)
         for p in batch:
+            p.taken = True
             if p.timer:  # its queue timeout no longer applies: it runs now
                 p.timer.cancel()
-        return batch
+        return batch, rows
 
     def _cut_to_preferred(self, batch: list[Pending]) -> list[Pending]:
         """Run the longest prefix that makes a preferred size, if any; the rest goes back to the queue front."""
@@ -290,26 +307,29 @@ class Batcher:
                 else:
                     p.future.set_result(result[i])
 
-    def _spawn(self, instance: Instance, batch: list[Pending]) -> None:
+    def _spawn(self, instance: Instance, batch: list[Pending], rows: int) -> None:
         """Run a batch in an executor thread. The instance comes back (and the next dispatch is arranged) only
         when the thread is done with it, even if every caller was cancelled meanwhile."""
         started = time.perf_counter_ns()
         work = self.executor.submit(_work, instance, batch)
         loop = self._loop
-        work.add_done_callback(lambda w: loop.call_soon_threadsafe(self._finished, instance, batch, started, w))
+        work.add_done_callback(lambda w: loop.call_soon_threadsafe(self._finished, instance, batch, rows, started,
+                                                                   w))
 
-    def _finished(self, instance: Instance, batch: list[Pending], started: int, work: Future) -> None:
+    def _finished(self, instance: Instance, batch: list[Pending], rows: int, started: int, work: Future) -> None:
         self.free.append(instance)
-        exc = work.exception()
-        if exc is None:
-            parts, t_in, t_run, t_out = work.result()
-            self._account(batch, started, t_in, t_run, t_out)
-            self._deliver(batch, parts)
-        else:
-            self._deliver(batch, self._failed(batch, exc))
-        self._kick()
+        try:
+            exc = work.exception()
+            if exc is None:
+                parts, t_in, t_run, t_out = work.result()
+                self._account(batch, rows, started, t_in, t_run, t_out)
+                self._deliver(batch, parts)
+            else:
+                self._deliver(batch, self._failed(batch, exc))
+        finally:
+            self._kick()
 
-    def _run_inline(self, instance: Instance, batch: list[Pending]) -> list[Outputs]:
+    def _run_inline(self, instance: Instance, batch: list[Pending], rows: int) -> list[Outputs]:
         started = time.perf_counter_ns()
         try:
             parts, t_in, t_run, t_out = _work(instance, batch)
@@ -317,7 +337,7 @@ class Batcher:
             raise self._failed(batch, exc) from exc
         finally:
             self.free.append(instance)
-        self._account(batch, started, t_in, t_run, t_out)
+        self._account(batch, rows, started, t_in, t_run, t_out)
         return parts
 
     def _failed(self, batch: list[Pending], exc: BaseException) -> ExecutionError:
@@ -328,12 +348,12 @@ class Batcher:
         err.__cause__ = exc
         return err
 
-    def _account(self, batch: list[Pending], started: int, t_in: int, t_run: int, t_out: int) -> None:
+    def _account(self, batch: list[Pending], rows: int, started: int, t_in: int, t_run: int, t_out: int) -> None:
         rec = self.recorder
         for p in batch:
             rec.queued(started - p.enqueued)
-        rec.executed(sum(p.rows for p in batch), len(batch), t_in, t_run, t_out)
-        per_row = t_run / sum(p.rows for p in batch)
+        rec.executed(rows, len(batch), t_in, t_run, t_out)
+        per_row = t_run / rows
         self.row_ns = per_row if self.row_ns is None else 0.9 * self.row_ns + 0.1 * per_row
 
     def _inline(self, rows: int) -> bool:

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from service._proto import inference_pb2
-from service.errors import InvalidArgument, ServingError, Unavailable
+from service.errors import InvalidArgument, Unavailable, status_of
 from service.models import ModelVersion
 from service.registry import Registry
 from service.tensors import BYTES, decode_input, to_raw
@@ -45,7 +45,7 @@ class DataPlane:
             code = "CANCELLED"
             raise
         except Exception as exc:
-            code = exc.code.name if isinstance(exc, ServingError) else "INTERNAL"
+            code = status_of(exc).name
             raise
         finally:
             self.inflight -= 1
@@ -71,8 +71,7 @@ class DataPlane:
             rec.request_failed(time.perf_counter_ns() - t0, "CANCELLED")
             raise
         except Exception as exc:
-            rec.request_failed(time.perf_counter_ns() - t0, exc.code.name if isinstance(exc, ServingError)
-                               else "INTERNAL")
+            rec.request_failed(time.perf_counter_ns() - t0, status_of(exc).name)
             raise
         finally:
             rec.pending.dec()

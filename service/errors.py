@@ -10,6 +10,11 @@ class ServingError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
 
+def status_of(exc: BaseException) -> grpc.StatusCode:
+    """The status an exception answers with: its own for ours, INTERNAL for anything else."""
+    return exc.code if isinstance(exc, ServingError) else grpc.StatusCode.INTERNAL
+
+
 class InvalidArgument(ServingError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 

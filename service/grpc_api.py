@@ -17,7 +17,7 @@ from service import __version__
 from service._proto import inference_pb2 as pb
 from service.config import parse_json
 from service.dataplane import DataPlane
-from service.errors import InvalidArgument, ModelLoadError, NotFound, ServingError, Unavailable
+from service.errors import InvalidArgument, ModelLoadError, NotFound, ServingError, Unavailable, status_of
 from service.metrics import Metrics
 from service.registry import READY, Registry
 from service.workers import SharedStats, merge
@@ -60,8 +60,9 @@ def add_to_server(servicer: Servicer, server: grpc.aio.Server) -> None:
 def failure(method: str, request, exc: Exception) -> tuple[grpc.StatusCode, str]:
     """The one exception -> (status, message) mapping. A client error says what was wrong; a server-side failure
     (INTERNAL) gets a short message and the request id, and its trace goes to the log under that id."""
-    if isinstance(exc, ServingError) and exc.code != grpc.StatusCode.INTERNAL:
-        return exc.code, str(exc)
+    status = status_of(exc)
+    if status != grpc.StatusCode.INTERNAL:
+        return status, str(exc)
     rid = getattr(request, "id", "") or uuid.uuid4().hex[:12]
     log.error("%s failed (request id %s): %s", method, rid, exc, exc_info=exc)
     what = str(exc).splitlines()[0][:240] if isinstance(exc, ServingError) else f"internal error in {method}"

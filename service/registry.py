@@ -147,6 +147,7 @@ class Registry:
             try:
                 mv = await loop.run_in_executor(None, load_version, model_dir, v, config, explicit, self.metrics,
                                                 self.cores)
+                mv.batcher = Batcher(f"{name}:{v}", mv.instances, mv.config, mv.recorder)
             except ModelLoadError as exc:
                 result.failures.append(self._failed(model, v, str(exc)))
                 continue
@@ -154,7 +155,6 @@ class Registry:
                 log.exception("model %s version %d: unexpected load failure", name, v)
                 result.failures.append(self._failed(model, v, f"unexpected: {exc}"))
                 continue
-            mv.batcher = Batcher(f"{name}:{v}", mv.instances, mv.config, mv.recorder)
             mv.batcher.start()
             if mv.sequences:
                 mv.sequences.start(mv.batcher)

@@ -188,23 +188,44 @@ def test_adaptive_delay_sends_a_batch_once_it_holds_what_a_full_wait_gathers(tmp
     """Four clients in lockstep send four requests per round: once the batch has them, waiting on would find
     nobody, so (adaptive) it goes at once; one head in eight still waits the delay out to keep that figure."""
     b = make_batcher(tmp_path, add_sub_model(), "max_batch_size: 64\ndynamic_batching { "
-                     "max_queue_delay_microseconds: 200000 }\n"
+                     "max_queue_delay_microseconds: 100000 }\n"
                      f'parameters {{ key: "adaptive_queue_delay" value {{ string_value: "{adaptive}" }} }}')
     x = np.ones((1, 4), np.float32)
+    rounds = 40 if adaptive else 10
 
     async def main():
         b.start()
         t0 = time.perf_counter()
-        for _ in range(10):
+        for _ in range(rounds):
             await asyncio.gather(*(b.submit({"x": x, "y": x}, 1) for _ in range(4)))
         return time.perf_counter() - t0
 
     took = run(main())
-    assert set(b.recorder.per_batch) == {4} and b.recorder.execution_count == 10
-    if adaptive:
-        assert took < 1.0  # two or three full waits of 0.2 s, not ten
+    assert set(b.recorder.per_batch) == {4} and b.recorder.execution_count == rounds
+    if adaptive:  # rounds 1, 8, 16, 24, 32, 40 wait it out (0.6 s), the other 34 do not (3.4 s more)
+        assert 0.45 <= took < 2.0
     else:
-        assert took >= 2.0
+        assert took >= 1.0
+
+
+def test_adaptive_delay_probes_one_request_in_128_once_waiting_is_off(tmp_path):
+    """With waiting off (nothing joins), one arrival in 128 still waits the delay out: the probe that notices
+    traffic turning concurrent."""
+    b = make_batcher(tmp_path, add_sub_model(), "max_batch_size: 8\ndynamic_batching { "
+                     "max_queue_delay_microseconds: 50000 }")
+    x = np.ones((1, 4), np.float32)
+
+    async def main():
+        b.start()
+        took = []
+        for _ in range(1 + 128):  # the first waits (nothing learnt yet) and finds nobody: waiting turns off
+            t0 = time.perf_counter()
+            await b.submit({"x": x, "y": x}, 1)
+            took.append(time.perf_counter() - t0)
+        return took
+
+    took = run(main())
+    assert took[0] >= 0.045 and sum(t >= 0.045 for t in took[1:]) == 1
 
 
 def test_queue_policy_timeout_override_as_triton(tmp_path):

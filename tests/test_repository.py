@@ -38,6 +38,8 @@ BAD = {
     # Fields in the schema that deepserve does not implement: named, never silently ignored.
     "preserve_ordering": ('max_batch_size: 4\ndynamic_batching { preserve_ordering: true }\n',
                           "dynamic_batching.preserve_ordering"),
+    "inline_max_us": ('max_batch_size: 4\nparameters { key: "inline_max_us" value { string_value: "fast" } }\n',
+                      "inline_max_us must be an integer"),
     "timeout_delay": ('max_batch_size: 4\ndynamic_batching { default_queue_policy { timeout_action: DELAY } }\n',
                       "timeout_action DELAY"),
     "slot_utilization": ('max_batch_size: 4\nsequence_batching { direct { minimum_slot_utilization: 0.5 } '
