@@ -162,6 +162,24 @@ def test_queue_full_is_unavailable_at_once(tmp_path):
     assert b.recorder.execution_count == 3
 
 
+def test_timed_out_requests_do_not_count_against_the_queue_size(tmp_path):
+    b = _busy(tmp_path, "max_batch_size: 1\ndynamic_batching { default_queue_policy { max_queue_size: 2 } }")
+    x = np.ones((1, 1), np.float32)
+
+    async def main():
+        b.start()
+        first = asyncio.ensure_future(b.submit({"x": x}, 1))  # runs ~0.1 s
+        await asyncio.sleep(0.005)
+        for _ in range(2):  # fill the queue with requests that time out behind `first`
+            with pytest.raises(Unavailable, match="timed out"):
+                await b.submit({"x": x}, 1, timeout_us=2_000)
+        late = asyncio.ensure_future(b.submit({"x": x}, 1))  # the queue holds no live request: accepted
+        await asyncio.gather(first, late)
+
+    run(main())
+    assert b.recorder.execution_count == 2
+
+
 def test_timeout_in_queue_and_cancelled_requests_never_run(tmp_path):
     b = _busy(tmp_path, "max_batch_size: 1\ndynamic_batching { default_queue_policy { "
                         "default_timeout_microseconds: 1000 } }")
