@@ -308,7 +308,7 @@ def _meta(plan: Plan, gen_note: str, repo: BenchRepository) -> dict[str, str]:
         "bench_resnet": "ResNet-style CNN (onnx.helper, untrained), FP32 [B,3,64,64], max_batch_size 128, "
                         "dynamic_batching {}",
         "server": "`deepserve serve` with its defaults; no instance_group in a config means 1 instance with "
-                  "intra-op threads = cores",
+                  "intra-op threads = cores (1 for a model whose batch-1 run is under 250 us)",
     }
 
 
@@ -363,6 +363,8 @@ def bench_main(argv: list[str]) -> int:
             if plan.profile != "off":
                 run.profiles(server, version)
         run.leak()
+    if getattr(gen, "stalls", None):
+        run.results.meta["perf_analyzer stalls (run again, once)"] = "; ".join(gen.stalls)
     end = _cpu_mark()
     others = max(0.0, (end[0] - mark[0]) - (end[2] - mark[2])) / (end[1] - mark[1]) * (os.cpu_count() or 1)
     run.results.meta["duration"] = (f"{time.monotonic() - run.t0:.0f} s; load average at end "
