@@ -193,18 +193,23 @@ def _stream(stub, requests, replies: list, timeout: float = 60):
     return t
 
 
+def _explicit_cell_server(tmp_path):
+    """The stateful cell under explicit model control, few sequences and a 5 ms batch delay: streamed steps take
+    long enough that a reload or unload lands among them."""
+    repo = tmp_path / "models"
+    model, weights = rnn_cell_model()
+    config = SEQUENCE_CONFIG.replace("max_queue_delay_microseconds: 2000", "max_queue_delay_microseconds: 5000")
+    save(model, repo, "cell", config=config % (60_000_000, 64))
+    return repo, Server(repo, "--model-control-mode", "explicit", "--load-model", "cell"), weights
+
+
 def test_version_swaps_under_interleaved_sequences_lose_nothing(tmp_path):
     """Two reloads while sequences are live: the first while hundreds of streamed steps wait behind their
     sequences' locks, the second between unary steps. Every step is answered and every sequence ends with the
     whole-sequence result: the live sequences (their state) went over to the new version."""
     import shutil
 
-    repo = tmp_path / "models"
-    model, weights = rnn_cell_model()
-    # Few sequences and a 5 ms batch delay: the streamed steps take long enough that the reload lands among them.
-    config = SEQUENCE_CONFIG.replace("max_queue_delay_microseconds: 2000", "max_queue_delay_microseconds: 5000")
-    save(model, repo, "cell", config=config % (60_000_000, 64))
-    server = Server(repo, "--model-control-mode", "explicit", "--load-model", "cell")
+    repo, server, weights = _explicit_cell_server(tmp_path)
     rng = np.random.default_rng(5)
     n_seq, n_stream, n_unary = 6, 300, 60
     seqs = {1000 + i: rng.standard_normal(n_stream + n_unary).astype(np.float32) for i in range(n_seq)}
@@ -276,11 +281,7 @@ def test_max_candidate_sequences_keeps_a_backlog(tmp_path):
 def test_unload_answers_every_step_it_accepted(tmp_path):
     """Unloading a stateful model while streamed steps wait behind their sequences' locks: each step accepted
     before the unload is answered correctly; later ones are refused as not ready, none fails half-way."""
-    repo = tmp_path / "models"
-    model, weights = rnn_cell_model()
-    config = SEQUENCE_CONFIG.replace("max_queue_delay_microseconds: 2000", "max_queue_delay_microseconds: 5000")
-    save(model, repo, "cell", config=config % (60_000_000, 64))
-    server = Server(repo, "--model-control-mode", "explicit", "--load-model", "cell")
+    repo, server, weights = _explicit_cell_server(tmp_path)
     rng = np.random.default_rng(6)
     seqs = {2000 + i: rng.standard_normal(200).astype(np.float32) for i in range(6)}
     try:
