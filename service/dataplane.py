@@ -65,7 +65,7 @@ class DataPlane:
             if mv.sequences is None:
                 outputs = await mv.batcher.submit(feeds, rows, timeout_us)
             else:
-                outputs = await mv.sequences.step(mv.batcher, feeds, rows, request.parameters, timeout_us)
+                outputs = await mv.sequences.step(feeds, rows, request.parameters, timeout_us)
             response = encode_response(request, mv, outputs, wanted)
         except asyncio.CancelledError:
             rec.request_failed(time.perf_counter_ns() - t0, "CANCELLED")

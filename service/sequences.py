@@ -22,6 +22,7 @@ import numpy as np
 from service._proto import model_config_pb2
 from service.batcher import Batcher, Outputs
 from service.errors import InvalidArgument, ModelLoadError, Unavailable
+from service.runtime import param
 from service.tensors import BY_CONFIG
 
 DEFAULT_IDLE_US = 1_000_000  # Triton's default
@@ -112,8 +113,7 @@ class Sequences:
                     raise ModelLoadError("sequence_batching initial_state: only zero_data is supported")
             self.states.append(StateSpec(s.input_name, s.output_name, dt.numpy, tuple(s.dims)))
         self.idle_s = (sb.max_sequence_idle_microseconds or DEFAULT_IDLE_US) / 1e6
-        self.max_live = int(config.parameters["max_sequences"].string_value) \
-            if "max_sequences" in config.parameters else DEFAULT_MAX_SEQUENCES
+        self.max_live = int(param(config, "max_sequences", str(DEFAULT_MAX_SEQUENCES)))
         self.max_candidates = sb.oldest.max_candidate_sequences if sb.HasField("oldest") else 0  # 0: no backlog
         self.table = Table(self)
         self.adopted = False
@@ -167,11 +167,9 @@ class Sequences:
             for sid, seq in [(k, s) for k, s in table.live.items() if s.last_used < cutoff and not s.lock.locked()]:
                 table.remove(sid, seq)
 
-    async def step(self, routed: Batcher, feeds: dict[str, np.ndarray], rows: int, params, timeout_us: int
-                   ) -> Outputs:
-        """One step of a sequence. `routed` is the batcher of the version the request was routed to; the step
-        runs on the batcher of the version that owns the sequence when its turn comes, which is that one unless
-        a reload handed the sequence over meanwhile."""
+    async def step(self, feeds: dict[str, np.ndarray], rows: int, params, timeout_us: int) -> Outputs:
+        """One step of a sequence. It runs on the batcher of the version that owns the sequence when its turn
+        comes: the version the request was routed to, unless a reload handed the sequence over meanwhile."""
         sid, start, end = _control(params, self.name)
         if rows != 1:
             raise InvalidArgument(f"model {self.name!r}: a sequence step carries batch size 1, got {rows}")
@@ -199,7 +197,7 @@ class Sequences:
                 if start:  # a new start on a live id begins it again, in its turn
                     seq.state = self._fresh()
                 seq.last_used = time.monotonic()
-                out = await (owner.batcher or routed).submit({**feeds, **seq.state}, 1, timeout_us)
+                out = await owner.batcher.submit({**feeds, **seq.state}, 1, timeout_us)
                 seq.state = {s.input: out[s.output] for s in owner.states}
                 seq.last_used = time.monotonic()
                 if end:
