@@ -105,6 +105,8 @@ class Servicer:
         self.dataplane = dataplane
         self.shared = shared  # --workers: the other workers' statistics
         self.state = state  # service.server.ServerState: live / ready / draining
+        self._stream_ok = metrics.grpc_requests.labels("ModelStreamInfer", "OK")  # bound once, as `rpc` does
+        self._stream_s = metrics.grpc_duration.labels("ModelStreamInfer")
 
     @rpc
     async def ServerLive(self, request, context):
@@ -167,8 +169,9 @@ class Servicer:
                 code = status.name
                 reply = pb.ModelStreamInferResponse(error_message=f"{code}: {message}")
                 reply.infer_response.id = request.id
-            self.metrics.grpc_requests.labels("ModelStreamInfer", code).inc()  # per request, as unary calls count
-            self.metrics.grpc_duration.labels("ModelStreamInfer").observe(time.perf_counter() - t0)
+            # per request, as unary calls count
+            (self._stream_ok if code == "OK" else self.metrics.grpc_requests.labels("ModelStreamInfer", code)).inc()
+            self._stream_s.observe(time.perf_counter() - t0)
             await replies.put(reply)
 
         async def pump() -> None:
