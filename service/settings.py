@@ -17,7 +17,7 @@ def env_name(dest: str) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deepserve serve", description="Serve a model repository over gRPC "
-                                "(Open Inference Protocol / Triton) with onnxruntime. Each flag is also an "
+                                "and HTTP/REST (Open Inference Protocol / Triton) with onnxruntime. Each flag is also an "
                                 "environment variable DEEPSERVE_<FLAG>, e.g. DEEPSERVE_GRPC_PORT (lists "
                                 "comma-separated); the command line wins.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -33,8 +33,9 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument(flag, dest=dest, default=default, help=help, **kw)
 
     add("--repository", "models", "model repository folder (Triton layout)")
-    add("--host", "0.0.0.0", "address to bind, gRPC and metrics")
+    add("--host", "0.0.0.0", "address to bind, gRPC, HTTP and metrics")
     add("--grpc-port", 8001, "gRPC port (inference, health, reflection)")
+    add("--http-port", 8000, "HTTP/REST port (KServe V2 / Triton HTTP API; 0 disables), same host and TLS as gRPC")
     add("--metrics-port", 8002, "Prometheus /metrics port (0 disables)")
     add("--log-format", "text", "log format", choices=["text", "json"])
     add("--log-level", "info", "log level", choices=["debug", "info", "warning", "error"])

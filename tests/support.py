@@ -81,11 +81,13 @@ class Server:
     started: list[Server] = []
 
     def __init__(self, repo: Path, *args: str, env: dict | None = None, wait_ready: bool = True) -> None:
-        self.grpc_port, self.metrics_port = free_port(), free_port()
+        self.grpc_port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
         self.url = f"127.0.0.1:{self.grpc_port}"
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.log_path = repo.parent / f"server-{self.grpc_port}.log"
         cmd = [sys.executable, "-m", "service.cli", "serve", "--repository", str(repo), "--host", "127.0.0.1",
-               "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port), *args]
+               "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
+               "--http-port", str(self.http_port), *args]
         self._log = open(self.log_path, "w")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
