@@ -1,6 +1,12 @@
-"""The inference path between the servicer and the batcher: look the model up, check and decode the inputs,
-queue them, and encode the requested outputs into raw_output_contents. Everything here is per request, so it
-stays short: dict lookups, np.frombuffer views, one tobytes per output."""
+"""The protocol-neutral data plane: every rule of the Open Inference Protocol lives here, once, for both front ends
+(grpc_api, http_api). A front-end method converts its wire format to the neutral types of service.protocol, calls
+one method here and converts the answer back; it holds no rule of its own.
+
+Rules: admission (draining, --max-inflight), model lookup and readiness, metadata (the versions list), config,
+statistics (with the --workers merge), the repository index, load and unload (the explicit-control guard), and
+the inference path itself: check and decode the inputs, queue them on the batcher (or the sequence table), and hand
+back the requested outputs (classification applied). The inference path is per request, so it stays short: dict
+lookups, np.frombuffer views, no copy of a tensor."""
 
 from __future__ import annotations
 
@@ -10,68 +16,162 @@ import time
 
 import numpy as np
 
-from service._proto import inference_pb2
-from service.errors import InvalidArgument, Unavailable, status_of
+from service import __version__
+from service._proto import model_config_pb2
+from service.config import parse_json
+from service.errors import InvalidArgument, ModelLoadError, NotFound, Unavailable, kind_of
 from service.models import ModelVersion
-from service.registry import Registry
-from service.tensors import BYTES, decode_input, to_raw
+from service.protocol import InferRequest, InferResponse, OutputTensor, RequestedOutput, parameter_int
+from service.registry import READY, Registry
+from service.state import ServerState
+from service.tensors import BYTES, decode_input
+from service.workers import SharedStats, merge
 
 log = logging.getLogger("deepserve.access")
-InferRequest = inference_pb2.ModelInferRequest
-InferResponse = inference_pb2.ModelInferResponse
+EXTENSIONS = ["classification", "sequence", "model_repository", "model_repository(unload_dependents)",
+              "schedule_policy", "model_configuration", "statistics", "parameters", "binary_tensor_data"]
 
 
 class DataPlane:
-    def __init__(self, registry: Registry, max_inflight: int = 0, access_log: bool = False,
-                 max_elements: int = 0) -> None:
+    def __init__(self, registry: Registry, state: ServerState, max_inflight: int = 0, access_log: bool = False,
+                 max_elements: int = 0, shared: SharedStats | None = None) -> None:
         self.registry = registry
+        self.state = state
         self.max_elements = max_elements
         self.max_inflight = max_inflight
         self.access_log = access_log
+        self.shared = shared  # --workers: the other workers' statistics
         self.inflight = 0  # accepted and not yet answered; the drain on shutdown waits for 0
 
+    # --- health and metadata ------------------------------------------------------------------------------------
+    def live(self) -> bool:
+        return self.state.live
+
+    def ready(self) -> bool:
+        return self.state.ready
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.registry.lookup(name, version)
+        except (NotFound, Unavailable, InvalidArgument):
+            return False
+        return not self.state.draining
+
+    def server_metadata(self) -> dict:
+        return {"name": "deepserve", "version": __version__, "extensions": list(EXTENSIONS)}
+
+    def model_metadata(self, name: str, version: str = "") -> dict:
+        mv = self.registry.lookup(name, version)
+        versions = [str(v) for v in sorted(self.registry.models[mv.name].ready)]
+        return {**mv.metadata, "versions": versions}
+
+    def model_config(self, name: str, version: str = "") -> model_config_pb2.ModelConfig:
+        return self.registry.lookup(name, version).config
+
+    def statistics(self, name: str = "", version: str = "") -> list[dict]:
+        """Triton's ModelStatistics, one dict per model version, summed over --workers."""
+        if name:
+            if name not in self.registry.models:
+                raise NotFound(f"unknown model {name!r}")
+            versions = [mv for mv in self.registry.versions() if mv.name == name]
+            if version:
+                versions = [self.registry.lookup(name, version)]
+        else:
+            versions = list(self.registry.versions())
+        stats = [mv.recorder.snapshot() for mv in versions]
+        if self.shared:
+            mine = {(m["name"], m["version"]): m for m in stats}
+            for other in self.shared.others():
+                for m in other:
+                    if (m["name"], m["version"]) in mine:
+                        merge(mine[(m["name"], m["version"])], m)
+        return stats
+
+    # --- repository ---------------------------------------------------------------------------------------------
+    def repository_index(self, ready_only: bool = False) -> list[dict]:
+        out = []
+        for name in sorted(set(self.registry.names_on_disk()) | set(self.registry.models)):
+            model = self.registry.models.get(name)
+            if model is None or not model.state:
+                if not ready_only:
+                    out.append({"name": name, "version": "", "state": "", "reason": ""})
+                continue
+            for v, (state, reason) in sorted(model.state.items()):
+                if ready_only and state != READY:
+                    continue
+                out.append({"name": name, "version": "" if v == 0 else str(v), "state": state, "reason": reason})
+        return out
+
+    def _explicit_only(self) -> None:
+        if not self.state.explicit_control:
+            raise Unavailable("explicit model load/unload is not allowed unless --model-control-mode explicit")
+
+    async def load(self, name: str, config_json: str | None = None, files: dict[str, bytes] | None = None) -> None:
+        """RepositoryModelLoad: (re)load from the repository, or from `files` (Triton's file:<path> parameters,
+        which need a config). Answers INVALID_ARGUMENT when the load asked for did not happen, even while an older
+        version keeps serving."""
+        self._explicit_only()
+        if files and config_json is None:
+            raise InvalidArgument(f"load of {name!r}: model files need the config parameter too (as in Triton)")
+        try:
+            override = parse_json(config_json, "parameter config") if config_json is not None else None
+            result = await self.registry.load(name, override, files or None)
+        except ModelLoadError as exc:
+            raise InvalidArgument(f"failed to load {name!r}: {exc}") from None
+        self.state.changed()
+        if result.failures:
+            raise InvalidArgument(result.error())
+
+    async def unload(self, name: str) -> None:
+        self._explicit_only()
+        await self.registry.unload(name)
+        self.state.changed()
+
+    # --- inference ----------------------------------------------------------------------------------------------
     async def infer(self, request: InferRequest) -> InferResponse:
         self.inflight += 1
-        code, version = "OK", request.model_version
+        code, version = "OK", request.version
         t0 = time.perf_counter_ns()
         try:
+            if self.state.draining:
+                raise Unavailable("the server is shutting down")
             if self.max_inflight and self.inflight > self.max_inflight:
                 raise Unavailable(f"server busy: {self.inflight - 1} requests in flight (--max-inflight); retry "
                                   "later")
             response = await self._infer(request, t0)
-            version = response.model_version  # the version that served it, also when the request named none
+            version = response.version  # the version that served it, also when the request named none
             return response
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
         except Exception as exc:
-            code = status_of(exc).name
+            code = kind_of(exc)
             raise
         finally:
             self.inflight -= 1
             if self.access_log:
-                log.info("infer", extra={"request_id": request.id, "model": request.model_name, "version": version,
+                log.info("infer", extra={"request_id": request.id, "model": request.model, "version": version,
                                          "status": code,
                                          "duration_ms": round((time.perf_counter_ns() - t0) / 1e6, 3)})
 
     async def _infer(self, request: InferRequest, t0: int) -> InferResponse:
-        mv = self.registry.lookup(request.model_name, request.model_version)
+        mv = self.registry.lookup(request.model, request.version)
         rec = mv.recorder
         rec.pending.inc()
         try:
             feeds, rows = decode_request(request, mv, self.max_elements)
-            wanted = requested_outputs(request, mv)
+            wanted = requested_outputs(request.outputs, mv)
             timeout_us = _timeout_us(request, mv)
             if mv.sequences is None:
                 outputs = await mv.batcher.submit(feeds, rows, timeout_us)
             else:
                 outputs = await mv.sequences.step(feeds, rows, request.parameters, timeout_us)
-            response = encode_response(request, mv, outputs, wanted)
+            response = InferResponse(mv.name, mv.version_str, request.id, _outputs(mv, outputs, wanted))
         except asyncio.CancelledError:
             rec.request_failed(time.perf_counter_ns() - t0, "CANCELLED")
             raise
         except Exception as exc:
-            rec.request_failed(time.perf_counter_ns() - t0, status_of(exc).name)
+            rec.request_failed(time.perf_counter_ns() - t0, kind_of(exc))
             raise
         finally:
             rec.pending.dec()
@@ -80,10 +180,9 @@ class DataPlane:
 
 
 def _timeout_us(request: InferRequest, mv: ModelVersion) -> int:
-    p = request.parameters.get("timeout")
-    if p is None:
+    if "timeout" not in request.parameters:
         return 0
-    value = p.int64_param or p.uint64_param
+    value = parameter_int(request.parameters, "timeout", f"model {mv.name!r}")
     if value < 0:
         raise InvalidArgument(f"model {mv.name!r}: parameter timeout must be >= 0 microseconds, got {value}")
     return value
@@ -92,31 +191,19 @@ def _timeout_us(request: InferRequest, mv: ModelVersion) -> int:
 def decode_request(request: InferRequest, mv: ModelVersion, max_elements: int = 0
                    ) -> tuple[dict[str, np.ndarray], int]:
     """Inputs as numpy arrays in the model's input order, and the batch size (rows) they share."""
-    inputs, raws = request.inputs, request.raw_input_contents
     where = f"model {mv.name!r}"
-    if not inputs:
+    if not request.inputs:
         raise InvalidArgument(f"{where}: the request has no inputs; expected {_names(mv.inputs)}")
-    if raws and len(raws) != len(inputs):
-        raise InvalidArgument(f"{where}: {len(raws)} raw_input_contents for {len(inputs)} inputs; "
-                              "send one raw entry per input, in order")
     decoded: dict[str, np.ndarray] = {}
     text = mv.text
     used = 0  # elements decoded so far: --max-elements bounds the whole request
-    for i, tensor in enumerate(inputs):
+    for tensor in request.inputs:
         name = tensor.name
-        has_typed = tensor.HasField("contents") and tensor.contents.ByteSize() > 0
-        if raws and has_typed:
-            raise InvalidArgument(f"{where} input {name!r}: both raw_input_contents and typed contents are set; "
-                                  "use one")
-        if not raws and not has_typed and any(d != 0 for d in tensor.shape):
-            raise InvalidArgument(f"{where} input {name!r}: no contents (neither raw_input_contents nor typed "
-                                  "contents)")
-        raw = raws[i] if raws else None
         if text is not None and name == text.name:
             if text.target in decoded:
                 raise InvalidArgument(f"{where}: send {text.name!r} or {text.target!r}, not both, and once")
-            arr = decoded[text.target] = text.decode(f"{where} input {name!r}", tensor, raw, mv.max_batch,
-                                                     max_elements, used)
+            arr = decoded[text.target] = text.decode(f"{where} input {name!r}", tensor, mv.max_batch, max_elements,
+                                                     used)
         else:
             spec = mv.inputs.get(name)
             if spec is None:
@@ -125,8 +212,8 @@ def decode_request(request: InferRequest, mv: ModelVersion, max_elements: int = 
                 if text is not None and name == text.target:
                     raise InvalidArgument(f"{where}: send {text.name!r} or {text.target!r}, not both")
                 raise InvalidArgument(f"{where}: input {name!r} appears twice")
-            arr = decoded[name] = decode_input(f"{where} input {name!r}", spec, tensor, raw, mv.max_batch,
-                                               max_elements, used)
+            arr = decoded[name] = decode_input(f"{where} input {name!r}", spec, tensor, mv.max_batch, max_elements,
+                                               used)
         used += arr.size
     feeds = {n: decoded[n] for n in mv.inputs if n in decoded}
     missing = [n for n, s in mv.inputs.items() if n not in feeds and not s.optional]
@@ -145,40 +232,33 @@ def decode_request(request: InferRequest, mv: ModelVersion, max_elements: int = 
     return feeds, rows
 
 
-def requested_outputs(request: InferRequest, mv: ModelVersion) -> list[tuple[str, int]]:
-    """(output name, classification top-k or 0), in request order; all outputs when none is named."""
-    if not request.outputs:
-        return [(n, 0) for n in mv.outputs]
-    wanted = []
-    for out in request.outputs:
+def requested_outputs(requested: list[RequestedOutput], mv: ModelVersion) -> list[RequestedOutput]:
+    """What to answer, in request order; all outputs (binary) when none is named."""
+    if not requested:
+        return [RequestedOutput(n) for n in mv.outputs]
+    for out in requested:
         if out.name not in mv.outputs:
             raise InvalidArgument(f"model {mv.name!r}: unknown output {out.name!r}; the model has "
                                   f"{_names(mv.outputs)}")
-        k = 0
-        p = out.parameters.get("classification")
-        if p is not None:
-            k = p.int64_param or p.uint64_param
-            if k <= 0:
-                raise InvalidArgument(f"model {mv.name!r} output {out.name!r}: classification must be a positive "
-                                      f"int64 (top k), got {p}")
-        wanted.append((out.name, k))
-    return wanted
+        k = out.classification
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0 or (k == 0 and "classification" in out.parameters):
+            raise InvalidArgument(f"model {mv.name!r} output {out.name!r}: classification must be a positive "
+                                  f"int64 (top k), got {k!r}")
+    return requested
 
 
-def encode_response(request: InferRequest, mv: ModelVersion, outputs: dict[str, np.ndarray],
-                    wanted: list[tuple[str, int]]) -> InferResponse:
-    response = InferResponse(model_name=mv.name, model_version=mv.version_str, id=request.id)
-    for name, k in wanted:
-        arr = outputs[name]
-        spec = mv.outputs[name]
-        if k:
-            arr = classify(arr, k, mv.labels.get(name) or _labels_like(mv, arr.shape[-1]), mv, name)
+def _outputs(mv: ModelVersion, outputs: dict[str, np.ndarray], wanted: list[RequestedOutput]) -> list[OutputTensor]:
+    out = []
+    for w in wanted:
+        arr = outputs[w.name]
+        if w.classification:
+            arr = classify(arr, w.classification, mv.labels.get(w.name) or _labels_like(mv, arr.shape[-1]), mv,
+                           w.name)
             dtype = BYTES
         else:
-            dtype = spec.dtype
-        response.outputs.add(name=name, datatype=dtype.wire, shape=arr.shape)
-        response.raw_output_contents.append(to_raw(arr, dtype))
-    return response
+            dtype = mv.outputs[w.name].dtype
+        out.append(OutputTensor(w.name, dtype.wire, arr.shape, arr, w.binary))
+    return out
 
 
 def classify(arr: np.ndarray, k: int, labels: list[str] | None, mv: ModelVersion, name: str) -> np.ndarray:

@@ -1,5 +1,6 @@
-"""The thin gRPC servicer. Each method is wrapped once by `rpc`, the single place where exceptions become gRPC
-statuses and where per-method metrics are recorded; the methods themselves only translate messages."""
+"""The gRPC front end: Triton's GRPCInferenceService on grpc.aio. Each method converts the protobuf message to the
+neutral types (service.protocol), calls the data plane and converts back; `rpc` wraps every method once, the single
+place where neutral errors become gRPC statuses (ERROR_STATUS) and where per-method metrics are recorded."""
 
 from __future__ import annotations
 
@@ -7,24 +8,23 @@ import asyncio
 import functools
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
-from service import __version__
 from service._proto import inference_pb2 as pb
-from service.config import parse_json
 from service.dataplane import DataPlane
-from service.errors import InvalidArgument, ModelLoadError, NotFound, ServingError, Unavailable, status_of
+from service.errors import InvalidArgument, describe
 from service.metrics import Metrics
-from service.registry import READY, Registry
-from service.workers import SharedStats, merge
+from service.protocol import InferRequest, InferResponse, InputTensor, RequestedOutput
+from service.tensors import BY_WIRE, to_raw
 
 log = logging.getLogger("deepserve.grpc")
-EXTENSIONS = ["classification", "sequence", "model_repository", "schedule_policy", "model_configuration",
-              "statistics", "parameters"]
+ERROR_STATUS = {kind: getattr(grpc.StatusCode, kind) for kind in (
+    "INVALID_ARGUMENT", "NOT_FOUND", "UNAVAILABLE", "UNIMPLEMENTED", "UNAUTHENTICATED", "RESOURCE_EXHAUSTED",
+    "INTERNAL")}
 
 
 class BadMessage:
@@ -58,15 +58,8 @@ def add_to_server(servicer: Servicer, server: grpc.aio.Server) -> None:
 
 
 def failure(method: str, request, exc: Exception) -> tuple[grpc.StatusCode, str]:
-    """The one exception -> (status, message) mapping. A client error says what was wrong; a server-side failure
-    (INTERNAL) gets a short message and the request id, and its trace goes to the log under that id."""
-    status = status_of(exc)
-    if status != grpc.StatusCode.INTERNAL:
-        return status, str(exc)
-    rid = getattr(request, "id", "") or uuid.uuid4().hex[:12]
-    log.error("%s failed (request id %s): %s", method, rid, exc, exc_info=exc)
-    what = str(exc).splitlines()[0][:240] if isinstance(exc, ServingError) else f"internal error in {method}"
-    return grpc.StatusCode.INTERNAL, f"{what} (request id {rid}); the server log has the details"
+    kind, message = describe(exc, method, getattr(request, "id", ""))
+    return ERROR_STATUS[kind], message
 
 
 def rpc(fn: Callable) -> Callable:
@@ -97,57 +90,92 @@ def rpc(fn: Callable) -> Callable:
     return wrapper
 
 
+# --- protobuf <-> neutral ---------------------------------------------------------------------------------------
+def parameters(params) -> dict:
+    """InferParameter map -> plain values; a message with no parameters costs one truth test."""
+    return {k: getattr(v, v.WhichOneof("parameter_choice") or "string_param") for k, v in params.items()} \
+        if params else {}
+
+
+def to_request(msg: pb.ModelInferRequest) -> InferRequest:
+    raws = msg.raw_input_contents
+    where = f"model {msg.model_name!r}"
+    if raws and len(raws) != len(msg.inputs):
+        raise InvalidArgument(f"{where}: {len(raws)} raw_input_contents for {len(msg.inputs)} inputs; "
+                              "send one raw entry per input, in order")
+    inputs = []
+    for i, t in enumerate(msg.inputs):
+        has_typed = t.HasField("contents") and t.contents.ByteSize() > 0
+        tensor = InputTensor(t.name, t.datatype, tuple(t.shape))
+        if raws:
+            if has_typed:
+                raise InvalidArgument(f"{where} input {t.name!r}: both raw_input_contents and typed contents are "
+                                      "set; use one")
+            tensor.raw = raws[i]
+        elif has_typed:
+            dt = BY_WIRE.get(t.datatype)
+            if dt is not None and dt.typed_field is None:
+                raise InvalidArgument(f"{where} input {t.name!r}: {dt.wire} has no typed contents field; send it in "
+                                      "raw_input_contents")
+            if dt is not None:
+                tensor.values = getattr(t.contents, dt.typed_field)
+                tensor.values_from = f"contents.{dt.typed_field}"
+        elif any(d != 0 for d in t.shape):
+            raise InvalidArgument(f"{where} input {t.name!r}: no contents (neither raw_input_contents nor typed "
+                                  "contents)")
+        if t.parameters:
+            tensor.parameters = parameters(t.parameters)
+        inputs.append(tensor)
+    outputs = []
+    for o in msg.outputs:
+        p = parameters(o.parameters)
+        outputs.append(RequestedOutput(o.name, p.get("classification", 0), True, p))
+    return InferRequest(msg.model_name, msg.model_version, msg.id, inputs, outputs, parameters(msg.parameters))
+
+
+def from_response(response: InferResponse) -> pb.ModelInferResponse:
+    msg = pb.ModelInferResponse(model_name=response.model, model_version=response.version, id=response.id)
+    for out in response.outputs:
+        msg.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+        msg.raw_output_contents.append(to_raw(out.data, BY_WIRE[out.datatype]))
+    return msg
+
+
 class Servicer:
-    def __init__(self, registry: Registry, metrics: Metrics, state, dataplane: DataPlane,
-                 shared: SharedStats | None = None) -> None:
-        self.registry = registry
-        self.metrics = metrics
+    def __init__(self, dataplane: DataPlane, metrics: Metrics) -> None:
         self.dataplane = dataplane
-        self.shared = shared  # --workers: the other workers' statistics
-        self.state = state  # service.server.ServerState: live / ready / draining
+        self.metrics = metrics
         self._stream_ok = metrics.grpc_requests.labels("ModelStreamInfer", "OK")  # bound once, as `rpc` does
         self._stream_s = metrics.grpc_duration.labels("ModelStreamInfer")
 
     @rpc
     async def ServerLive(self, request, context):
-        return pb.ServerLiveResponse(live=self.state.live)
+        return pb.ServerLiveResponse(live=self.dataplane.live())
 
     @rpc
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.state.ready)
+        return pb.ServerReadyResponse(ready=self.dataplane.ready())
 
     @rpc
     async def ModelReady(self, request, context):
-        try:
-            self.registry.lookup(request.name, request.version)
-        except (NotFound, Unavailable, InvalidArgument):
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=not self.state.draining)
+        return pb.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version))
 
     @rpc
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name="deepserve", version=__version__, extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(**self.dataplane.server_metadata())
 
     @rpc
     async def ModelMetadata(self, request, context):
-        mv = self.registry.lookup(request.name, request.version)
-        model = self.registry.models[mv.name]
-        md = pb.ModelMetadataResponse()
-        md.CopyFrom(mv.metadata)
-        del md.versions[:]
-        md.versions.extend(str(v) for v in sorted(model.ready))
-        return md
+        return json_format.ParseDict(self.dataplane.model_metadata(request.name, request.version),
+                                     pb.ModelMetadataResponse())
 
     @rpc
     async def ModelConfig(self, request, context):
-        mv = self.registry.lookup(request.name, request.version)
-        return pb.ModelConfigResponse(config=mv.config)
+        return pb.ModelConfigResponse(config=self.dataplane.model_config(request.name, request.version))
 
     @rpc
     async def ModelInfer(self, request, context):
-        if self.state.draining:
-            raise Unavailable("the server is shutting down")
-        return await self.dataplane.infer(request)
+        return from_response(await self.dataplane.infer(to_request(request)))
 
     async def ModelStreamInfer(self, requests: AsyncIterator, context) -> AsyncIterator:
         """Requests are served concurrently (so a stream batches); an error goes into that reply's error_message
@@ -160,9 +188,8 @@ class Servicer:
             try:
                 if type(request) is BadMessage:
                     raise InvalidArgument(request.error)
-                if self.state.draining:
-                    raise Unavailable("the server is shutting down")
-                reply = pb.ModelStreamInferResponse(infer_response=await self.dataplane.infer(request))
+                response = await self.dataplane.infer(to_request(request))
+                reply = pb.ModelStreamInferResponse(infer_response=from_response(response))
                 code = "OK"
             except Exception as exc:
                 status, message = failure("ModelStreamInfer", request, exc)
@@ -194,60 +221,25 @@ class Servicer:
 
     @rpc
     async def ModelStatistics(self, request, context):
-        reply = pb.ModelStatisticsResponse()
-        if request.name:
-            if request.name not in self.registry.models:
-                raise NotFound(f"unknown model {request.name!r}")
-            versions = [mv for mv in self.registry.versions() if mv.name == request.name]
-            if request.version:
-                versions = [self.registry.lookup(request.name, request.version)]
-        else:
-            versions = list(self.registry.versions())
-        for mv in versions:
-            mv.recorder.fill(reply.model_stats.add())
-        if self.shared:
-            mine = {(m.name, m.version): m for m in reply.model_stats}
-            for other in self.shared.others():
-                for m in other.model_stats:
-                    if (m.name, m.version) in mine:
-                        merge(mine[(m.name, m.version)], m)
-        return reply
+        stats = self.dataplane.statistics(request.name, request.version)
+        return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
     @rpc
     async def RepositoryIndex(self, request, context):
         reply = pb.RepositoryIndexResponse()
-        for name in sorted(set(self.registry.names_on_disk()) | set(self.registry.models)):
-            model = self.registry.models.get(name)
-            if model is None or not model.state:
-                if not request.ready:
-                    reply.models.add(name=name)
-                continue
-            for v, (state, reason) in sorted(model.state.items()):
-                if request.ready and state != READY:
-                    continue
-                reply.models.add(name=name, version="" if v == 0 else str(v), state=state, reason=reason)
+        for entry in self.dataplane.repository_index(request.ready):
+            reply.models.add(**entry)
         return reply
 
     @rpc
     async def RepositoryModelLoad(self, request, context):
-        if not self.state.explicit_control:
-            raise Unavailable("explicit model load/unload is not allowed unless --model-control-mode explicit")
-        try:
-            override = None
-            if "config" in request.parameters:
-                override = parse_json(request.parameters["config"].string_param, "parameter config")
-            result = await self.registry.load(request.model_name, override)
-        except ModelLoadError as exc:
-            raise InvalidArgument(f"failed to load {request.model_name!r}: {exc}") from None
-        self.state.refresh_health()
-        if result.failures:  # even when an older version still serves: the load asked for did not happen
-            raise InvalidArgument(result.error())
+        params = request.parameters
+        config = params["config"].string_param if "config" in params else None
+        files = {k[5:]: v.bytes_param for k, v in params.items() if k.startswith("file:")}
+        await self.dataplane.load(request.model_name, config, files)
         return pb.RepositoryModelLoadResponse()
 
     @rpc
     async def RepositoryModelUnload(self, request, context):
-        if not self.state.explicit_control:
-            raise Unavailable("explicit model load/unload is not allowed unless --model-control-mode explicit")
-        await self.registry.unload(request.model_name)
-        self.state.refresh_health()
+        await self.dataplane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service._proto import inference_pb2, model_config_pb2
+from service._proto import model_config_pb2
 from service.batcher import Batcher
 from service.config import complete, read_labels, specs
 from service.errors import ModelLoadError
@@ -36,7 +36,7 @@ class ModelVersion:
     instances: list[Instance]
     providers: list[str]
     recorder: Recorder
-    metadata: inference_pb2.ModelMetadataResponse = field(default_factory=inference_pb2.ModelMetadataResponse)
+    metadata: dict = field(default_factory=dict)  # Triton's model metadata, less the versions list (the data plane's)
     batcher: Batcher | None = None
     sequences: Sequences | None = None
     text: TextInput | None = None
@@ -94,13 +94,14 @@ def _copy(config: model_config_pb2.ModelConfig) -> model_config_pb2.ModelConfig:
     return c
 
 
-def _metadata(mv: ModelVersion) -> inference_pb2.ModelMetadataResponse:
-    md = inference_pb2.ModelMetadataResponse(name=mv.name, platform=mv.config.platform, versions=[mv.version_str])
+def _metadata(mv: ModelVersion) -> dict:
     extra = {mv.text.name: mv.text.spec} if mv.text else {}
-    for specs_, field_ in (({**mv.inputs, **extra}, md.inputs), (mv.outputs, md.outputs)):
-        for s in specs_.values():
-            field_.add(name=s.name, datatype=s.dtype.wire, shape=list(s.shape))
-    return md
+
+    def tensors(specs_: dict[str, TensorSpec]) -> list[dict]:
+        return [{"name": t.name, "datatype": t.dtype.wire, "shape": list(t.shape)} for t in specs_.values()]
+
+    return {"name": mv.name, "platform": mv.config.platform, "inputs": tensors({**mv.inputs, **extra}),
+            "outputs": tensors(mv.outputs)}
 
 
 def _sample(spec: TensorSpec, dims: list[int], batch: int, random: bool) -> np.ndarray:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from service._proto import model_config_pb2
 from service.batcher import Batcher
+from service import uploads
 from service.config import check, read_config
 from service.errors import InvalidArgument, ModelLoadError, NotFound, Unavailable
 from service.metrics import Metrics
@@ -99,22 +100,29 @@ class Registry:
     def names_on_disk(self) -> list[str]:
         return model_names(self.root)
 
-    async def load(self, name: str, override: model_config_pb2.ModelConfig | None = None) -> LoadResult:
+    async def load(self, name: str, override: model_config_pb2.ModelConfig | None = None,
+                   files: dict[str, bytes] | None = None) -> LoadResult:
         """(Re)load every version the policy selects. New versions warm up beside the serving ones and then take
-        the traffic; a version that fails keeps its serving predecessor. Raises NotFound for no such folder."""
-        if name not in self.names_on_disk():
+        the traffic; a version that fails keeps its serving predecessor. Raises NotFound for no such folder.
+        With `files` (Triton's `file:<path>` load parameters, checked by uploads.stage) the model is loaded from
+        those bytes, staged in a private folder, instead of from the repository; `override` is then required."""
+        if files is None and name not in self.names_on_disk():
             raise NotFound(f"no model folder {name!r} in the repository")
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             try:
+                if files is not None:
+                    with uploads.stage(name, files) as model_dir:
+                        return await self._load(name, override, model_dir)
                 return await self._load(name, override)
             except Exception as exc:  # a bug or a surprise in one model's load never takes the server down
                 log.exception("model %s: unexpected load failure", name)
                 model = self.models.setdefault(name, Model(name))
                 return LoadResult(model, [self._failed(model, 0, f"unexpected: {exc}")])
 
-    async def _load(self, name: str, override: model_config_pb2.ModelConfig | None) -> LoadResult:
-        model_dir = self.root / name
+    async def _load(self, name: str, override: model_config_pb2.ModelConfig | None,
+                    model_dir: Path | None = None) -> LoadResult:
+        model_dir = model_dir or self.root / name
         model = self.models.setdefault(name, Model(name))
         model.wanted = True
         loop = asyncio.get_running_loop()

@@ -210,24 +210,13 @@ class Sequences:
         return {s.input: np.zeros((1, *s.dims), s.dtype) for s in self.states}
 
 
-def _control(params, model: str) -> tuple[int | str, bool, bool]:
-    p = params.get("sequence_id")
-    if p is None:
+def _control(params: dict, model: str) -> tuple[int | str, bool, bool]:
+    sid = params.get("sequence_id")
+    if sid is None:
         raise InvalidArgument(f"model {model!r} is stateful: set the request parameter sequence_id (and "
                               "sequence_start on the first step, sequence_end on the last)")
-    which = p.WhichOneof("parameter_choice")
-    sid: int | str
-    if which in ("int64_param", "uint64_param"):
-        sid = getattr(p, which)
-    elif which == "string_param" and p.string_param:
-        sid = p.string_param
-    else:
+    if isinstance(sid, bool) or not isinstance(sid, int | str) or sid == "":
         raise InvalidArgument(f"model {model!r}: sequence_id must be a non-zero integer or a non-empty string")
     if sid == 0:
         raise InvalidArgument(f"model {model!r}: sequence_id 0 is reserved (it means no sequence)")
-    return sid, _flag(params, "sequence_start"), _flag(params, "sequence_end")
-
-
-def _flag(params, key: str) -> bool:
-    p = params.get(key)
-    return p is not None and p.WhichOneof("parameter_choice") == "bool_param" and p.bool_param
+    return sid, params.get("sequence_start") is True, params.get("sequence_end") is True

@@ -1,11 +1,11 @@
-"""`deepserve serve`: wires the registry, servicer, health, reflection and metrics into one grpc.aio server and
-runs its lifecycle: listen at once (live), load the repository (ready), poll, and drain on SIGTERM/SIGINT."""
+"""`deepserve serve`: wires the registry, the data plane and both front ends (gRPC with health and reflection,
+HTTP/REST) onto one asyncio event loop, plus /metrics, and runs the lifecycle: listen at once (live), load the
+repository (ready), poll, and drain on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import hmac
 import logging
 import os
 import signal
@@ -24,6 +24,9 @@ from service.errors import NotFound
 from service.grpc_api import Servicer, add_to_server
 from service.metrics import Metrics
 from service.registry import Registry
+from service.security import ConfigError, Tokens, load_tokens
+from service.settings import Settings
+from service.state import ServerState
 from service.workers import STATS_DIR, SharedStats, supervise
 
 log = logging.getLogger("deepserve.server")
@@ -33,40 +36,27 @@ SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 LIVENESS = "liveness"  # health service name that is SERVING while the process runs (for liveness probes)
 
 
-class ServerState:
-    """What ServerLive/ServerReady/health report, in one place."""
+def grpc_health(health_servicer: health.aio.HealthServicer):
+    """A state listener that mirrors live/ready/per-model serving into grpc.health.v1."""
 
-    def __init__(self, registry: Registry, health_servicer: health.aio.HealthServicer, args) -> None:
-        self.registry = registry
-        self.health = health_servicer
-        self.strict = args.strict_readiness
-        self.explicit_control = args.model_control_mode == "explicit"
-        self.live = True
-        self.loaded = False  # the start-up load has finished
-        self.stopping = False  # SIGTERM seen: not ready any more
-        self.draining = False  # grace period over: new requests are refused
-
-    @property
-    def ready(self) -> bool:
-        return self.loaded and not self.stopping and (self.registry.all_ready or not self.strict)
-
-    def refresh_health(self) -> None:
+    def update(state: ServerState) -> None:
         loop = asyncio.get_running_loop()
-        ready = self.ready
+        ready = state.ready
         for service in ("", SERVICE_NAME):
-            loop.create_task(self.health.set(service, SERVING if ready else NOT_SERVING))
-        loop.create_task(self.health.set(LIVENESS, SERVING if self.live else NOT_SERVING))
-        for name, model in self.registry.models.items():
-            ok = model.default is not None and not self.stopping
-            loop.create_task(self.health.set(name, SERVING if ok else NOT_SERVING))
+            loop.create_task(health_servicer.set(service, SERVING if ready else NOT_SERVING))
+        loop.create_task(health_servicer.set(LIVENESS, SERVING if state.live else NOT_SERVING))
+        for name in state.registry.models:
+            loop.create_task(health_servicer.set(name, SERVING if state.model_serving(name) else NOT_SERVING))
+
+    return update
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
-    """Bearer tokens from --auth-token-file, compared in constant time, checked before any handler runs."""
+    """security.Tokens checked before any gRPC handler runs."""
 
-    def __init__(self, tokens: list[bytes], open_health: bool) -> None:
+    def __init__(self, tokens: Tokens) -> None:
         self.tokens = tokens
-        self.open_prefixes = ("/grpc.health.v1.Health/",) if open_health else ()
+        self.open_prefixes = ("/grpc.health.v1.Health/",) if tokens.open_health else ()
 
         async def deny(request, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token "
@@ -79,92 +69,93 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         if details.method.startswith(self.open_prefixes):
             return await continuation(details)
         offered = next((v for k, v in details.invocation_metadata or () if k == "authorization"), "")
-        token = offered[7:].strip().encode() if offered.lower().startswith("bearer ") else b""
-        ok = False
-        for t in self.tokens:  # no early exit: the time taken does not depend on which token matched
-            ok |= hmac.compare_digest(token, t)
-        if ok:
+        if self.tokens.accepts(offered):
             return await continuation(details)
         return self._deny_stream if details.method.endswith("/ModelStreamInfer") else self._deny_unary
 
 
-def _credentials(args) -> grpc.ServerCredentials | None:
-    if not args.tls_cert:
+def _credentials(s: Settings) -> grpc.ServerCredentials | None:
+    if not s.tls_cert:
         return None
-    key, cert = Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes()
-    ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    key, cert = Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes()
+    ca = Path(s.tls_ca).read_bytes() if s.tls_ca else None
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
-async def serve(args) -> int:
+async def serve(s: Settings) -> int:
+    try:
+        tokens = load_tokens(s)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
     metrics = Metrics()
-    if args.metrics_port:
-        metrics.serve(args.metrics_port, args.host)
+    if s.metrics_port:
+        metrics.serve(s.metrics_port, s.host)
     workers = int(os.environ.get("DEEPSERVE_WORKERS_TOTAL", "1"))
-    registry = Registry(Path(args.repository), metrics, cores=max(1, (os.cpu_count() or 1) // workers))
-    interceptors = []
-    if args.auth_token_file:
-        try:
-            text = Path(args.auth_token_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            log.error("--auth-token-file %s cannot be read as UTF-8 text: %s", args.auth_token_file, exc)
-            return 2
-        tokens = [t.strip().encode() for t in text.splitlines() if t.strip()]
-        if not tokens:
-            log.error("--auth-token-file %s holds no token", args.auth_token_file)
-            return 2
-        interceptors.append(TokenAuth(tokens, args.open_health))
-    options = [("grpc.max_receive_message_length", args.max_message_bytes),
-               ("grpc.max_send_message_length", args.max_message_bytes),
-               ("grpc.so_reuseport", 1 if args.reuse_port else 0)]
-    server = grpc.aio.server(options=options, interceptors=interceptors)
+    registry = Registry(Path(s.repository), metrics, cores=max(1, (os.cpu_count() or 1) // workers))
+    options = [("grpc.max_receive_message_length", s.max_message_bytes),
+               ("grpc.max_send_message_length", s.max_message_bytes),
+               ("grpc.so_reuseport", 1 if s.reuse_port else 0)]
+    server = grpc.aio.server(options=options, interceptors=[TokenAuth(tokens)] if tokens else [])
     health_servicer = health.aio.HealthServicer()
-    state = ServerState(registry, health_servicer, args)
-    dataplane = DataPlane(registry, args.max_inflight, args.access_log, args.max_elements)
+    state = ServerState(registry, strict=s.strict_readiness, explicit_control=s.explicit_control)
+    state.listeners.append(grpc_health(health_servicer))
     shared = SharedStats(registry) if os.environ.get(STATS_DIR) else None
-    servicer = Servicer(registry, metrics, state, dataplane, shared)
-    add_to_server(servicer, server)
+    dataplane = DataPlane(registry, state, s.max_inflight, s.access_log, s.max_elements, shared)
+    add_to_server(Servicer(dataplane, metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    address = f"{args.host}:{args.grpc_port}"
-    creds = _credentials(args)
+    address = f"{s.host}:{s.grpc_port}"
+    creds = _credentials(s)
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if port == 0:
         log.error("cannot bind %s", address)
         return 1
     await server.start()
-    log.info("listening on %s (gRPC%s), metrics on :%s", address, " + TLS" if creds else "", args.metrics_port)
-    state.refresh_health()
+    http = None
+    if s.http_port:
+        from service.http_api import HttpFrontEnd
+
+        http = HttpFrontEnd(dataplane, metrics, s, tokens)
+        try:
+            await http.start()
+        except OSError as exc:
+            log.error("cannot bind HTTP %s:%s: %s", s.host, s.http_port, exc)
+            await server.stop(0)
+            return 1
+    log.info("listening on %s (gRPC%s), HTTP on :%s, metrics on :%s", address, " + TLS" if creds else "",
+             s.http_port or "off", s.metrics_port)
+    state.changed()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    await _initial_load(registry, args)
+    await _initial_load(registry, s)
     # What start-up built (modules, sessions, configs) lives as long as the process: out of the collector's sight
     # a full collection takes ~0 ms instead of ~9 ms (measured with the example models) in the request path.
     gc.freeze()
     state.loaded = True
-    state.refresh_health()
+    state.changed()
     log.info("ready: %s", ", ".join(f"{m.name}:{m.default.version}" if m.default else f"{m.name}:UNAVAILABLE"
                                      for m in registry.models.values()) or "no models")
-    poller = loop.create_task(_poll(registry, state, args.repository_poll_secs)) \
-        if args.model_control_mode == "poll" else None
+    poller = loop.create_task(_poll(registry, state, s.repository_poll_secs)) \
+        if s.model_control_mode == "poll" else None
     publisher = loop.create_task(shared.publish()) if shared else None
 
     await stop.wait()
     if publisher:
         publisher.cancel()
-    return await _drain(server, servicer, state, args, poller)
+    return await _drain(server, http, dataplane, state, s, poller)
 
 
-async def _initial_load(registry: Registry, args) -> None:
+async def _initial_load(registry: Registry, s: Settings) -> None:
     names = registry.names_on_disk()
-    if args.model_control_mode == "explicit" and "*" not in args.load_model:
-        for missing in sorted(set(args.load_model) - set(names)):
-            log.error("--load-model %s: no such model folder in %s", missing, args.repository)
-        names = [n for n in args.load_model if n in names]
+    if s.model_control_mode == "explicit" and "*" not in s.load_model:
+        for missing in sorted(set(s.load_model) - set(names)):
+            log.error("--load-model %s: no such model folder in %s", missing, s.repository)
+        names = [n for n in s.load_model if n in names]
     for name in names:
         try:
             await registry.load(name)
@@ -186,40 +177,43 @@ async def _poll(registry: Registry, state: ServerState, every: float) -> None:
                 if registry.models[name].wanted:  # serving or failed: either way it no longer should serve
                     log.info("repository change: %s removed, unloading", name)
                     await registry.unload(name, "removed from the repository")
-            state.refresh_health()
+            state.changed()
         except Exception:
             log.exception("repository poll failed; serving what is loaded")
 
 
-async def _drain(server: grpc.aio.Server, servicer: Servicer, state: ServerState, args, poller) -> int:
+async def _drain(server: grpc.aio.Server, http, dataplane: DataPlane, state: ServerState, s: Settings,
+                 poller) -> int:
     t0 = time.monotonic()
     log.info("shutdown: health NOT_SERVING; accepting new requests for %.1fs, then draining up to %.1fs",
-             args.shutdown_grace_secs, args.drain_secs)
+             s.shutdown_grace_secs, s.drain_secs)
     state.stopping = True
-    state.refresh_health()
+    state.changed()
     if poller:
         poller.cancel()
-    await asyncio.sleep(args.shutdown_grace_secs)
+    await asyncio.sleep(s.shutdown_grace_secs)
     state.draining = True
-    deadline = t0 + args.shutdown_grace_secs + args.drain_secs
-    while servicer.dataplane.inflight and time.monotonic() < deadline:
+    deadline = t0 + s.shutdown_grace_secs + s.drain_secs
+    while dataplane.inflight and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
-    left = servicer.dataplane.inflight
+    left = dataplane.inflight
     if left:
         log.warning("drain time over with %d requests in flight", left)
+    if http:
+        await http.stop()
     await server.stop(grace=max(0.0, deadline - time.monotonic()))
     log.info("stopped after %.2fs", time.monotonic() - t0)
     return 0 if not left else 1
 
 
 def serve_main(argv: list[str]) -> int:
-    args = settings.parse(argv)
-    logs.setup(args.log_format, args.log_level)
-    if args.workers > 1:
-        os.environ["DEEPSERVE_WORKERS_TOTAL"] = str(args.workers)  # each worker takes its share of the cores
-        return supervise(argv, args)
+    s = settings.parse(argv)
+    logs.setup(s.log_format, s.log_level)
+    if s.workers > 1:
+        os.environ["DEEPSERVE_WORKERS_TOTAL"] = str(s.workers)  # each worker takes its share of the cores
+        return supervise(argv, s)
     try:
-        return asyncio.run(serve(args))
+        return asyncio.run(serve(s))
     except KeyboardInterrupt:
         return 130
 

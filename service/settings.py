@@ -1,14 +1,62 @@
-"""`deepserve serve` options. Every flag can also come from the environment as DEEPSERVE_<FLAG> (containers and
-Kubernetes set env vars more easily than arguments). An env value goes through the same type and choice checks as
-the flag (a bad one is a usage error naming the variable, exit 2), and a flag on the command line wins: a list given
-on the command line (--load-model) replaces the env's list instead of adding to it."""
+"""`deepserve serve` options, typed: one `Settings` dataclass is both the list of flags (each field's metadata holds
+its help) and what the server reads. Every flag can also come from the environment as DEEPSERVE_<FLAG> (containers
+and Kubernetes set env vars more easily than arguments). An env value goes through the same type and choice checks
+as the flag (a bad one is a usage error naming the variable, exit 2), and a flag on the command line wins: a list
+given on the command line (--load-model) replaces the env's list instead of adding to it."""
 
 from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import MISSING, dataclass, field, fields
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def opt(default, help: str, **kw):
+    """A flag: its default, help and any argparse extras (choices)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class Settings:
+    repository: str = opt("models", "model repository folder (Triton layout)")
+    host: str = opt("0.0.0.0", "address to bind, gRPC, HTTP and metrics")
+    grpc_port: int = opt(8001, "gRPC port (inference, health, reflection)")
+    http_port: int = opt(8000, "HTTP/REST port (KServe V2 / Triton HTTP API; 0 disables), same host, TLS and tokens "
+                         "as gRPC")
+    metrics_port: int = opt(8002, "Prometheus /metrics port (0 disables)")
+    log_format: str = opt("text", "log format", choices=["text", "json"])
+    log_level: str = opt("info", "log level", choices=["debug", "info", "warning", "error"])
+    access_log: bool = opt(False, "log one line per inference request (model, version, status, duration)")
+    model_control_mode: str = opt("none", "none: load all at start; poll: also rescan the repository; explicit: "
+                                  "load only --load-model and the repository RPCs",
+                                  choices=["none", "poll", "explicit"])
+    repository_poll_secs: float = opt(15.0, "rescan interval in poll mode")
+    load_model: list[str] = opt([], "model to load at start in explicit mode (repeatable; '*' for all)")
+    strict_readiness: bool = opt(True, "ServerReady (and health) only when every model that should load is ready")
+    workers: int = opt(1, "server processes sharing the gRPC and HTTP ports (SO_REUSEPORT): one event loop per "
+                       "core; metrics and statistics cover all of them; not with --model-control-mode explicit")
+    reuse_port: bool = opt(False, argparse.SUPPRESS)  # set by the supervisor
+    max_inflight: int = opt(2048, "server-wide limit of inference requests in flight; beyond it UNAVAILABLE at once")
+    max_message_bytes: int = opt(64 * 1024 * 1024, "largest gRPC message or HTTP body accepted or sent")
+    max_elements: int = opt(1 << 26, "largest number of elements in one request (all its inputs), checked before "
+                            "allocation")
+    shutdown_grace_secs: float = opt(0.0, "after SIGTERM, keep accepting new requests this long (health already "
+                                     "NOT_SERVING), so load balancers can stop routing here")
+    drain_secs: float = opt(30.0, "after SIGTERM, wait at most this long for accepted requests to finish")
+    auth_token_file: str = opt("", "file with accepted bearer tokens, one per line; enables token auth (gRPC and "
+                               "HTTP)")
+    open_health: bool = opt(True, "with token auth, leave health checks open (Kubernetes probes send no token)")
+    tls_cert: str = opt("", "PEM certificate chain; enables TLS (gRPC and HTTP)")
+    tls_key: str = opt("", "PEM private key for --tls-cert")
+    tls_ca: str = opt("", "PEM CA bundle; clients must present a certificate it signed (mutual TLS)")
+
+    @property
+    def explicit_control(self) -> bool:
+        return self.model_control_mode == "explicit"
 
 
 def env_name(dest: str) -> str:
@@ -16,54 +64,28 @@ def env_name(dest: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deepserve serve", description="Serve a model repository over gRPC "
-                                "and HTTP/REST (Open Inference Protocol / Triton) with onnxruntime. Each flag is also an "
+    p = argparse.ArgumentParser(prog="deepserve serve", description="Serve a model repository over gRPC and "
+                                "HTTP/REST (Open Inference Protocol / Triton) with onnxruntime. Each flag is also an "
                                 "environment variable DEEPSERVE_<FLAG>, e.g. DEEPSERVE_GRPC_PORT (lists "
                                 "comma-separated); the command line wins.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
-    def add(flag: str, default, help: str, **kw) -> None:
-        dest = flag.lstrip("-").replace("-", "_")
-        if isinstance(default, bool):
-            kw.setdefault("action", argparse.BooleanOptionalAction)
+    for f in fields(Settings):
+        kw = dict(f.metadata)
+        default = f.default_factory() if f.default is MISSING else f.default
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "reuse_port":
+            kw["action"] = "store_true"
+        elif isinstance(default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, list):
-            kw.setdefault("action", "append")
-        elif default is not None:
-            kw.setdefault("type", type(default))
-        p.add_argument(flag, dest=dest, default=default, help=help, **kw)
-
-    add("--repository", "models", "model repository folder (Triton layout)")
-    add("--host", "0.0.0.0", "address to bind, gRPC, HTTP and metrics")
-    add("--grpc-port", 8001, "gRPC port (inference, health, reflection)")
-    add("--http-port", 8000, "HTTP/REST port (KServe V2 / Triton HTTP API; 0 disables), same host and TLS as gRPC")
-    add("--metrics-port", 8002, "Prometheus /metrics port (0 disables)")
-    add("--log-format", "text", "log format", choices=["text", "json"])
-    add("--log-level", "info", "log level", choices=["debug", "info", "warning", "error"])
-    add("--access-log", False, "log one line per inference request (model, version, status, duration)")
-    add("--model-control-mode", "none", "none: load all at start; poll: also rescan the repository; explicit: "
-        "load only --load-model and the repository RPCs", choices=["none", "poll", "explicit"])
-    add("--repository-poll-secs", 15.0, "rescan interval in poll mode")
-    add("--load-model", [], "model to load at start in explicit mode (repeatable; '*' for all)")
-    add("--strict-readiness", True, "ServerReady (and health) only when every model that should load is ready")
-    add("--workers", 1, "server processes sharing the gRPC port (SO_REUSEPORT): one event loop per core; "
-        "metrics and statistics cover all of them; not with --model-control-mode explicit")
-    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set by the supervisor
-    add("--max-inflight", 2048, "server-wide limit of inference requests in flight; beyond it UNAVAILABLE at once")
-    add("--max-message-bytes", 64 * 1024 * 1024, "largest gRPC message accepted or sent")
-    add("--max-elements", 1 << 26, "largest number of elements in one request (all its inputs), checked before "
-        "allocation")
-    add("--shutdown-grace-secs", 0.0, "after SIGTERM, keep accepting new requests this long (health already "
-        "NOT_SERVING), so load balancers can stop routing here")
-    add("--drain-secs", 30.0, "after SIGTERM, wait at most this long for accepted requests to finish")
-    add("--auth-token-file", "", "file with accepted bearer tokens, one per line; enables token auth")
-    add("--open-health", True, "with token auth, leave gRPC health checks open (Kubernetes probes send no token)")
-    add("--tls-cert", "", "PEM certificate chain; enables TLS")
-    add("--tls-key", "", "PEM private key for --tls-cert")
-    add("--tls-ca", "", "PEM CA bundle; clients must present a certificate it signed (mutual TLS)")
+            kw["action"] = "append"
+        else:
+            kw["type"] = type(default)
+        p.add_argument(flag, dest=f.name, default=default, **kw)
     return p
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
+def parse(argv: list[str]) -> Settings:
     p = parser()
     args = p.parse_args(argv)
     given = _given(argv)
@@ -81,7 +103,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.error("--workers > 1 cannot be combined with --model-control-mode explicit: a load or unload call reaches "
                 "only the one worker that answers it, so workers would serve different models; use one worker, or "
                 "poll mode (every worker rescans the repository)")
-    return args
+    return Settings(**vars(args))
 
 
 def _given(argv: list[str]) -> set[str]:

@@ -1,12 +1,12 @@
 """Per model version: Triton's ModelStatistics counters and the Prometheus children, updated together.
-All updates happen on the event loop thread, so plain integers need no lock."""
+All updates happen on the event loop thread, so plain integers need no lock. `snapshot` gives the statistics in
+Triton's JSON shape (what HTTP answers as is and gRPC parses into its ModelStatistics message)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
-from service._proto import inference_pb2
 from service.metrics import Metrics
 
 
@@ -19,8 +19,8 @@ class Duration:
         self.count += count
         self.ns += ns
 
-    def fill(self, msg: inference_pb2.StatisticDuration) -> None:
-        msg.count, msg.ns = self.count, self.ns
+    def snapshot(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
 
 
 @dataclass
@@ -80,20 +80,17 @@ class Recorder:
         self._batch.observe(batch_size)
         self._compute_s.observe((input_ns + infer_ns + output_ns) / 1e9)
 
-    def fill(self, msg: inference_pb2.ModelStatistics) -> None:
-        msg.name, msg.version = self.model, self.version
-        msg.last_inference = self.last_inference_ms
-        msg.inference_count, msg.execution_count = self.inference_count, self.execution_count
-        s = msg.inference_stats
-        self.success.fill(s.success)
-        self.fail.fill(s.fail)
-        self.queue.fill(s.queue)
-        self.compute.compute_input.fill(s.compute_input)
-        self.compute.compute_infer.fill(s.compute_infer)
-        self.compute.compute_output.fill(s.compute_output)
-        for size in sorted(self.per_batch):
-            d = self.per_batch[size]
-            b = msg.batch_stats.add(batch_size=size)
-            d.compute_input.fill(b.compute_input)
-            d.compute_infer.fill(b.compute_infer)
-            d.compute_output.fill(b.compute_output)
+    def snapshot(self) -> dict:
+        c = self.compute
+        return {
+            "name": self.model, "version": self.version, "last_inference": self.last_inference_ms,
+            "inference_count": self.inference_count, "execution_count": self.execution_count,
+            "inference_stats": {"success": self.success.snapshot(), "fail": self.fail.snapshot(),
+                                "queue": self.queue.snapshot(), "compute_input": c.compute_input.snapshot(),
+                                "compute_infer": c.compute_infer.snapshot(),
+                                "compute_output": c.compute_output.snapshot()},
+            "batch_stats": [{"batch_size": size, "compute_input": d.compute_input.snapshot(),
+                             "compute_infer": d.compute_infer.snapshot(),
+                             "compute_output": d.compute_output.snapshot()}
+                            for size, d in sorted(self.per_batch.items())],
+        }

@@ -1,4 +1,4 @@
-"""Protobuf tensors <-> numpy. Raw contents are viewed with np.frombuffer (no copy); every size is checked against
+"""Wire tensors (neutral InputTensor) <-> numpy. Raw contents are viewed with np.frombuffer (no copy); every size is checked against
 the declared shape before anything is allocated, so a request that declares 2^40 elements costs nothing."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service._proto import inference_pb2, model_config_pb2
+from service._proto import model_config_pb2
 from service.errors import InvalidArgument
+from service.protocol import InputTensor
 
 DataType = model_config_pb2.DataType
 
@@ -123,14 +124,15 @@ def check_shape(where: str, spec: TensorSpec, shape: tuple[int, ...], max_batch:
     return count
 
 
-def decode_input(where: str, spec: TensorSpec, tensor: inference_pb2.ModelInferRequest.InferInputTensor,
-                 raw: bytes | None, max_batch: int, max_elements: int = 0, used: int = 0) -> np.ndarray:
+def decode_input(where: str, spec: TensorSpec, tensor: InputTensor, max_batch: int, max_elements: int = 0,
+                 used: int = 0) -> np.ndarray:
     """One input tensor to a numpy array of the spec's dtype and the request's shape."""
     if tensor.datatype != spec.dtype.wire:
         raise InvalidArgument(f"{where}: expected datatype {spec.dtype.wire}, got {tensor.datatype or '(empty)'}")
-    shape = tuple(tensor.shape)
+    shape = tensor.shape
     count = check_shape(where, spec, shape, max_batch, max_elements, used)
     dt = spec.dtype
+    raw = tensor.raw
     if raw is not None:
         if dt is BYTES:
             if count * 4 > len(raw):
@@ -142,21 +144,58 @@ def decode_input(where: str, spec: TensorSpec, tensor: inference_pb2.ModelInferR
             raise InvalidArgument(f"{where}: shape {_fmt(shape)} of {dt.wire} needs {expected} bytes of raw "
                                   f"contents, got {len(raw)}")
         return np.frombuffer(raw, dtype=dt.numpy).reshape(shape)
-    if dt.typed_field is None:
-        raise InvalidArgument(f"{where}: {dt.wire} has no typed contents field; send it in raw_input_contents")
-    values = getattr(tensor.contents, dt.typed_field)
-    if len(values) != count:
-        raise InvalidArgument(f"{where}: shape {_fmt(shape)} needs {count} values in contents.{dt.typed_field}, "
-                              f"got {len(values)}")
+    values = tensor.values if tensor.values is not None else ()
     if dt is BYTES:
-        return decode_bytes(b"".join(_LEN.pack(len(v)) + v for v in values), count, where, text=True).reshape(shape)
+        items = typed_bytes(values, shape, count, where, tensor.values_from)
+        return decode_bytes(b"".join(_LEN.pack(len(v)) + v for v in items), count, where, text=True).reshape(shape)
     try:
-        return np.array(values, dtype=dt.numpy).reshape(shape)
+        arr = np.array(values, dtype=dt.numpy)
     except OverflowError:
         info = np.iinfo(dt.numpy)
-        bad = next(v for v in values if not info.min <= v <= info.max)
-        raise InvalidArgument(f"{where}: value {bad} in contents.{dt.typed_field} does not fit {dt.wire} "
+        bad = next(v for v in flatten(values) if not info.min <= v <= info.max)
+        raise InvalidArgument(f"{where}: value {bad} in {tensor.values_from} does not fit {dt.wire} "
                               f"[{info.min}, {info.max}]") from None
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"{where}: {tensor.values_from} must hold {dt.wire} numbers in a flat or "
+                              f"regularly nested list: {exc}") from None
+    if arr.size != count:
+        raise InvalidArgument(f"{where}: shape {_fmt(shape)} needs {count} values in {tensor.values_from}, "
+                              f"got {arr.size}")
+    return arr.reshape(shape)
+
+
+def flatten(values) -> list:
+    """JSON `data` may be nested row by row; gRPC typed contents are always flat."""
+    if not any(isinstance(v, list) for v in values):
+        return list(values)
+    out: list = []
+    stack = [iter(values)]
+    while stack:
+        for v in stack[-1]:
+            if isinstance(v, list):
+                stack.append(iter(v))
+                break
+            out.append(v)
+        else:
+            stack.pop()
+    return out
+
+
+def typed_bytes(values, shape: tuple[int, ...], count: int, where: str, values_from: str) -> list[bytes]:
+    """Typed BYTES values (gRPC bytes_contents, JSON strings) as bytes, counted against the shape."""
+    items = flatten(values)
+    if len(items) != count:
+        raise InvalidArgument(f"{where}: shape {_fmt(shape)} needs {count} values in "
+                              f"{values_from}, got {len(items)}")
+    out = []
+    for i, v in enumerate(items):
+        if isinstance(v, str):
+            out.append(v.encode("utf-8"))
+        elif isinstance(v, bytes | bytearray | memoryview):
+            out.append(bytes(v))
+        else:
+            raise InvalidArgument(f"{where}: BYTES element {i} in {values_from} is {type(v).__name__}, not a string")
+    return out
 
 
 def _fmt(shape: tuple[int, ...]) -> str:

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from service._proto import inference_pb2, model_config_pb2
+from service._proto import model_config_pb2
 from service.errors import InvalidArgument, ModelLoadError
 from service.runtime import param
-from service.tensors import BY_WIRE, BYTES, TensorSpec, check_shape, decode_bytes
+from service.protocol import InputTensor
+from service.tensors import BY_WIRE, BYTES, TensorSpec, check_shape, decode_bytes, typed_bytes
 
 ENCODINGS = ("utf8_bytes",)
 
@@ -50,12 +51,12 @@ class TextInput:
         self.spec = TensorSpec(self.name, BYTES, (-1, 1))
         self.fixed = fixed
 
-    def decode(self, where: str, tensor: inference_pb2.ModelInferRequest.InferInputTensor, raw: bytes | None,
-               max_batch: int, max_elements: int, used: int = 0) -> np.ndarray:
+    def decode(self, where: str, tensor: InputTensor, max_batch: int, max_elements: int, used: int = 0
+               ) -> np.ndarray:
         """The request's strings as the [batch, T] token array the model takes."""
         if tensor.datatype != "BYTES":
             raise InvalidArgument(f"{where}: expected datatype BYTES (UTF-8 text), got {tensor.datatype}")
-        shape = tuple(tensor.shape)
+        shape, raw = tensor.shape, tensor.raw
         if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
             raise InvalidArgument(f"{where}: expected shape [batch] or [batch,1], got {list(shape)}")
         count = check_shape(where, TensorSpec(self.name, BYTES, (-1,) * len(shape)), shape, max_batch, max_elements,
@@ -65,10 +66,7 @@ class TextInput:
                 raise InvalidArgument(f"{where}: shape {list(shape)} needs at least {count * 4} bytes, got {len(raw)}")
             items = decode_bytes(raw, count, where)
         else:
-            if len(tensor.contents.bytes_contents) != count:
-                raise InvalidArgument(f"{where}: shape {list(shape)} needs {count} values in bytes_contents, got "
-                                      f"{len(tensor.contents.bytes_contents)}")
-            items = list(tensor.contents.bytes_contents)
+            items = typed_bytes(tensor.values or (), shape, count, where, tensor.values_from)
         rows = []
         for i, item in enumerate(items):
             try:

@@ -1,12 +1,14 @@
 """`deepserve serve --workers N`: N server processes share the gRPC port (SO_REUSEPORT) so that N event loops
 decode requests on N cores. The parent supervises them (restarts one that dies, forwards SIGTERM) and serves
 /metrics for all of them (prometheus-client's multiprocess mode). ModelStatistics stays whole: every worker
-publishes its statistics as a ModelStatisticsResponse file and the worker that answers the RPC sums them with
-its own; other workers' figures lag by at most PUBLISH_SECS."""
+publishes its statistics as a JSON file and the worker that answers the RPC sums them with
+its own; other workers' figures lag by at most PUBLISH_SECS. Statistics travel as Triton's JSON shape
+(stats.Recorder.snapshot), so nothing here knows a wire format."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -17,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from service._proto import inference_pb2
 
 log = logging.getLogger("deepserve.workers")
 PUBLISH_SECS = 0.05
@@ -75,7 +76,7 @@ def _run(workers: int, procs: dict[int, subprocess.Popen], spawn, stopping, shar
                 codes[i] = p.returncode
             else:
                 log.error("worker %d exited %d unexpectedly; restarting it", i, p.returncode)
-                (shared / "stats" / f"{i}.pb").unlink(missing_ok=True)
+                (shared / "stats" / f"{i}.json").unlink(missing_ok=True)
                 time.sleep(1.0)
                 spawn(i)
     log.info("all workers stopped: %s", codes)
@@ -90,11 +91,8 @@ class SharedStats:
         self.me = os.environ.get(WORKER, str(os.getpid()))
         self.registry = registry
 
-    def snapshot(self) -> inference_pb2.ModelStatisticsResponse:
-        reply = inference_pb2.ModelStatisticsResponse()
-        for mv in self.registry.versions():
-            mv.recorder.fill(reply.model_stats.add())
-        return reply
+    def snapshot(self) -> list[dict]:
+        return [mv.recorder.snapshot() for mv in self.registry.versions()]
 
     async def publish(self) -> None:
         last = None
@@ -103,44 +101,40 @@ class SharedStats:
             state = tuple((mv.name, mv.version, mv.recorder.execution_count, mv.recorder.fail.count)
                           for mv in self.registry.versions())
             if state != last:
-                tmp = self.dir / f".{self.me}.pb"
-                tmp.write_bytes(self.snapshot().SerializeToString())
-                os.replace(tmp, self.dir / f"{self.me}.pb")
+                tmp = self.dir / f".{self.me}.json"
+                tmp.write_text(json.dumps(self.snapshot()))
+                os.replace(tmp, self.dir / f"{self.me}.json")
                 last = state
 
-    def others(self) -> list[inference_pb2.ModelStatisticsResponse]:
+    def others(self) -> list[list[dict]]:
         out = []
-        for f in self.dir.glob("*.pb"):
+        for f in self.dir.glob("*.json"):
             if f.stem != self.me:
                 try:
-                    out.append(inference_pb2.ModelStatisticsResponse.FromString(f.read_bytes()))
+                    out.append(json.loads(f.read_text()))
                 except (OSError, ValueError):
                     continue  # a worker restarting: its figures come back with its next publish
         return out
 
 
-def merge(into: inference_pb2.ModelStatistics, other: inference_pb2.ModelStatistics) -> None:
+def _add(a: dict, b: dict) -> None:
+    a["count"] += b["count"]
+    a["ns"] += b["ns"]
+
+
+def merge(into: dict, other: dict) -> None:
     """Add another worker's statistics for the same model version."""
-    into.last_inference = max(into.last_inference, other.last_inference)
-    into.inference_count += other.inference_count
-    into.execution_count += other.execution_count
-    for name in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
-        a, b = getattr(into.inference_stats, name), getattr(other.inference_stats, name)
-        a.count += b.count
-        a.ns += b.ns
-    batches = {b.batch_size: b for b in into.batch_stats}
-    for b in other.batch_stats:
-        mine = batches.get(b.batch_size)
+    into["last_inference"] = max(into["last_inference"], other["last_inference"])
+    into["inference_count"] += other["inference_count"]
+    into["execution_count"] += other["execution_count"]
+    for name, d in other["inference_stats"].items():
+        _add(into["inference_stats"][name], d)
+    batches = {b["batch_size"]: b for b in into["batch_stats"]}
+    for b in other["batch_stats"]:
+        mine = batches.get(b["batch_size"])
         if mine is None:
-            into.batch_stats.add().CopyFrom(b)
+            batches[b["batch_size"]] = b
             continue
         for name in ("compute_input", "compute_infer", "compute_output"):
-            x, y = getattr(mine, name), getattr(b, name)
-            x.count += y.count
-            x.ns += y.ns
-    ordered = sorted(into.batch_stats, key=lambda b: b.batch_size)
-    copies = [inference_pb2.InferBatchStatistics() for _ in ordered]
-    for c, b in zip(copies, ordered, strict=True):
-        c.CopyFrom(b)
-    del into.batch_stats[:]
-    into.batch_stats.extend(copies)
+            _add(mine[name], b[name])
+    into["batch_stats"] = [batches[size] for size in sorted(batches)]
