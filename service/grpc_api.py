@@ -16,15 +16,13 @@ from google.protobuf.message import DecodeError
 
 from service._proto import inference_pb2 as pb
 from service.dataplane import DataPlane
-from service.errors import InvalidArgument, describe
+from service.errors import KINDS, InvalidArgument, describe
 from service.metrics import Metrics
 from service.protocol import InferRequest, InferResponse, InputTensor, RequestedOutput
 from service.tensors import BY_WIRE, to_raw
 
 log = logging.getLogger("deepserve.grpc")
-ERROR_STATUS = {kind: getattr(grpc.StatusCode, kind) for kind in (
-    "INVALID_ARGUMENT", "NOT_FOUND", "UNAVAILABLE", "UNIMPLEMENTED", "UNAUTHENTICATED", "RESOURCE_EXHAUSTED",
-    "INTERNAL")}
+ERROR_STATUS = {kind: getattr(grpc.StatusCode, kind) for kind in KINDS}  # the names are gRPC's
 
 
 class BadMessage:

@@ -9,9 +9,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service import uploads
 from service._proto import model_config_pb2
 from service.batcher import Batcher
-from service import uploads
 from service.config import check, read_config
 from service.errors import InvalidArgument, ModelLoadError, NotFound, Unavailable
 from service.metrics import Metrics

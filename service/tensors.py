@@ -1,5 +1,6 @@
-"""Wire tensors (neutral InputTensor) <-> numpy. Raw contents are viewed with np.frombuffer (no copy); every size is checked against
-the declared shape before anything is allocated, so a request that declares 2^40 elements costs nothing."""
+"""Wire tensors (neutral InputTensor) <-> numpy. Raw contents are viewed with np.frombuffer (no copy); every size is
+checked against the declared shape before anything is allocated, so a request that declares 2^40
+elements costs nothing."""
 
 from __future__ import annotations
 

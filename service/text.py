@@ -16,8 +16,8 @@ import numpy as np
 
 from service._proto import model_config_pb2
 from service.errors import InvalidArgument, ModelLoadError
-from service.runtime import param
 from service.protocol import InputTensor
+from service.runtime import param
 from service.tensors import BY_WIRE, BYTES, TensorSpec, check_shape, decode_bytes, typed_bytes
 
 ENCODINGS = ("utf8_bytes",)

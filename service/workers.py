@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 log = logging.getLogger("deepserve.workers")
 PUBLISH_SECS = 0.05
 STATS_DIR = "DEEPSERVE_STATS_DIR"
