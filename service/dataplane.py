@@ -160,7 +160,7 @@ class DataPlane:
         rec.pending.inc()
         try:
             feeds, rows = decode_request(request, mv, self.max_elements)
-            wanted = requested_outputs(request.outputs, mv)
+            wanted = requested_outputs(request, mv)
             timeout_us = _timeout_us(request, mv)
             if mv.sequences is None:
                 outputs = await mv.batcher.submit(feeds, rows, timeout_us)
@@ -232,10 +232,11 @@ def decode_request(request: InferRequest, mv: ModelVersion, max_elements: int = 
     return feeds, rows
 
 
-def requested_outputs(requested: list[RequestedOutput], mv: ModelVersion) -> list[RequestedOutput]:
-    """What to answer, in request order; all outputs (binary) when none is named."""
+def requested_outputs(request: InferRequest, mv: ModelVersion) -> list[RequestedOutput]:
+    """What to answer, in request order; every output when none is named."""
+    requested = request.outputs
     if not requested:
-        return [RequestedOutput(n) for n in mv.outputs]
+        return [RequestedOutput(n, binary=request.binary_outputs) for n in mv.outputs]
     for out in requested:
         if out.name not in mv.outputs:
             raise InvalidArgument(f"model {mv.name!r}: unknown output {out.name!r}; the model has "

@@ -14,7 +14,7 @@ MV = ("model", "version")
 class Metrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.registry = registry
-        self.requests = Counter("deepserve_requests", "Inference requests by gRPC status code",
+        self.requests = Counter("deepserve_requests", "Inference requests by status (gRPC code names, both protocols)",
                                 [*MV, "code"], registry=registry)
         self.inferences = Counter("deepserve_inferences", "Samples inferred (a batch-8 request counts 8)",
                                   MV, registry=registry)
@@ -44,6 +44,10 @@ class Metrics:
                                      ["method", "code"], registry=registry)
         self.grpc_duration = Histogram("deepserve_grpc_request_duration_seconds", "gRPC call duration by method",
                                        ["method"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.http_requests = Counter("deepserve_http_requests", "HTTP/REST requests by endpoint and status code",
+                                     ["endpoint", "code"], registry=registry)
+        self.http_duration = Histogram("deepserve_http_request_duration_seconds", "HTTP/REST request duration by "
+                                       "endpoint", ["endpoint"], buckets=LATENCY_BUCKETS, registry=registry)
 
     def serve(self, port: int, host: str) -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -44,8 +44,9 @@ class InferRequest:
     version: str = ""
     id: str = ""
     inputs: list[InputTensor] = field(default_factory=list)
-    outputs: list[RequestedOutput] = field(default_factory=list)
+    outputs: list[RequestedOutput] = field(default_factory=list)  # empty: every output
     parameters: Parameters = field(default_factory=dict)
+    binary_outputs: bool = True  # how outputs the request does not name travel (HTTP: binary_data_output)
 
 
 @dataclass(slots=True)

@@ -22,9 +22,11 @@ from service._proto import inference_pb2
 from service.dataplane import DataPlane
 from service.errors import NotFound
 from service.grpc_api import Servicer, add_to_server
+from service.http_api import HttpApi
+from service.http_server import HttpFrontEnd
 from service.metrics import Metrics
 from service.registry import Registry
-from service.security import ConfigError, Tokens, load_tokens
+from service.security import ConfigError, Tokens, load_tokens, ssl_context
 from service.settings import Settings
 from service.state import ServerState
 from service.workers import STATS_DIR, SharedStats, supervise
@@ -114,9 +116,7 @@ async def serve(s: Settings) -> int:
     await server.start()
     http = None
     if s.http_port:
-        from service.http_api import HttpFrontEnd
-
-        http = HttpFrontEnd(dataplane, metrics, s, tokens)
+        http = HttpFrontEnd(HttpApi(dataplane, metrics, tokens, s.max_message_bytes), s, ssl_context(s))
         try:
             await http.start()
         except OSError as exc:
