@@ -6,7 +6,7 @@
 #   docker build -t deepserve .                                         # trains the example models (CPU torch)
 #   docker build -t deepserve --build-arg MODELS=context .              # copies ./models instead, no torch at all
 #   docker build -t deepserve --build-arg MODELS=context --build-arg REPOSITORY=path/in/context .
-#   docker run -p 8001:8001 -p 8002:8002 deepserve                      # or -v "$PWD/models:/models:ro"
+#   docker run -p 8000:8000 -p 8001:8001 -p 8002:8002 deepserve         # or -v "$PWD/models:/models:ro"
 # GPU: Dockerfile.gpu. Needs BuildKit (the default builder since Docker 23) for RUN --mount.
 
 # Where the runtime stage's /models comes from: `train` (the jobs run in the build) or `context` (the build context).
@@ -43,7 +43,7 @@ FROM models-${MODELS} AS models
 
 FROM python:3.11-slim-bookworm AS runtime
 LABEL org.opencontainers.image.title="deepserve" \
-      org.opencontainers.image.description="ONNX models over the Open Inference Protocol (KServe V2 / Triton gRPC)" \
+      org.opencontainers.image.description="ONNX models over the Open Inference Protocol (KServe V2 / Triton, HTTP/REST and gRPC)" \
       org.opencontainers.image.licenses="Apache-2.0"
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -62,13 +62,16 @@ COPY --from=models /models/ /models/
 # Kubernetes manifests override them, and the HEALTHCHECK follows DEEPSERVE_GRPC_PORT.
 ENV DEEPSERVE_REPOSITORY=/models \
     DEEPSERVE_HOST=0.0.0.0 \
+    DEEPSERVE_HTTP_PORT=8000 \
     DEEPSERVE_GRPC_PORT=8001 \
     DEEPSERVE_METRICS_PORT=8002
 VOLUME ["/models"]
 USER 10001:10001
-# 8001 gRPC (inference, grpc.health.v1, reflection); 8002 Prometheus /metrics.
-EXPOSE 8001 8002
-# A plaintext check: with --tls-cert the container's health needs its own probe.
+# 8000 HTTP/REST (KServe V2 / Triton HTTP API); 8001 gRPC (inference, grpc.health.v1, reflection);
+# 8002 Prometheus /metrics.
+EXPOSE 8000 8001 8002
+# A plaintext check over gRPC, which is always on (--http-port=0 turns HTTP off): with --tls-cert the container's
+# health needs its own probe.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["sh", "-c", "deepserve health --url \"127.0.0.1:${DEEPSERVE_GRPC_PORT}\" --timeout 3 || exit 1"]
 # SIGTERM (docker stop, Kubernetes) drains in-flight requests for up to --drain-secs (30 s): give the container

@@ -17,6 +17,7 @@ import support
 from deploy_support import (
     BIN,
     GRPC_PORT,
+    HTTP_PORT,
     METRICS_PORT,
     ROOT,
     SERVING_DEPS,
@@ -77,7 +78,7 @@ def test_dockerfile_stages(name, serve_options):
     assert int(user.split(":")[0]) != 0, "the server runs as a non-root user"
     assert int(user.split(":")[0]) == server_container_uid(), "the Deployment runs as the image's user"
     expose = [rest for ins, rest in runtime if ins == "EXPOSE"]
-    assert expose == [f"{GRPC_PORT} {METRICS_PORT}"]
+    assert expose == [f"{HTTP_PORT} {GRPC_PORT} {METRICS_PORT}"]
     assert [rest for ins, rest in runtime if ins == "VOLUME"] == ['["/models"]']
     assert [rest for ins, rest in runtime if ins == "ENTRYPOINT"] == ['["deepserve", "serve"]']
     # Settings come from ENV, so `docker run IMAGE --flag` adds to them instead of replacing a CMD.
@@ -88,6 +89,7 @@ def test_dockerfile_stages(name, serve_options):
     for key, value in settings.items():
         check_flag(serve_options, env_flag(key), value, f"{name} ENV {key}", env=True)
     assert settings["DEEPSERVE_REPOSITORY"] == "/models"
+    assert int(settings["DEEPSERVE_HTTP_PORT"]) == HTTP_PORT
     assert int(settings["DEEPSERVE_GRPC_PORT"]) == GRPC_PORT
     assert int(settings["DEEPSERVE_METRICS_PORT"]) == METRICS_PORT
 
@@ -141,9 +143,9 @@ def test_runtime_install_serves_without_torch_as_the_image_starts_it(tmp_path):
     runtime = dockerfile(ROOT / "Dockerfile")[-1]
     image_env = {k: v for k, v in env_of(runtime).items() if k.startswith("DEEPSERVE_")}
     repo = tiny_repository(tmp_path)
-    grpc_port, metrics_port = support.free_port(), support.free_port()
+    grpc_port, metrics_port, http_port = support.free_port(), support.free_port(), support.free_port()
     env = clean_env(**image_env) | {"DEEPSERVE_REPOSITORY": str(repo), "DEEPSERVE_HOST": "127.0.0.1",
-                                    "DEEPSERVE_GRPC_PORT": str(grpc_port),
+                                    "DEEPSERVE_HTTP_PORT": str(http_port), "DEEPSERVE_GRPC_PORT": str(grpc_port),
                                     "DEEPSERVE_METRICS_PORT": str(metrics_port),
                                     "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}
     with running([str(venv / "bin" / "deepserve"), "serve"], env, tmp_path / "serve.log", grpc_port) as proc:

@@ -15,7 +15,10 @@ from deploy_support import (
     BIN,
     DEPLOY,
     GRPC_PORT,
+    HTTP_PORT,
     K8S_VERSIONS,
+    KSERVE_GRPC_PORT,
+    KSERVE_HTTP_PORT,
     METRICS_PORT,
     check_flag,
     clean_env,
@@ -41,11 +44,16 @@ def test_core_objects_pass_strict_kubernetes_validation():
     core = [o for o in k8s_objects() if o["kind"] not in ("Kustomization", "PodMonitor")]
     assert {o["kind"] for o in core} >= {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
                                           "PersistentVolumeClaim", "ServiceAccount"}
-    # The KServe runtime's container is a core v1 Container: validated inside a Pod.
-    runtime_pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "kserve-runtime"},
-                   "spec": {"containers": kserve_runtime()["spec"]["containers"]}}
+    # The KServe runtime's container is a core v1 Container: validated inside a Pod, alone and with the ports each
+    # InferenceService adds to it.
+    runtime_pods = []
+    for isvc in [{}, *yaml_docs(DEPLOY / "kserve" / "inferenceservice.yaml")]:
+        container = kserve_runtime()["spec"]["containers"][0]
+        ports = isvc.get("spec", {}).get("predictor", {}).get("model", {}).get("ports")
+        runtime_pods.append({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "kserve-runtime"},
+                             "spec": {"containers": [container | ({"ports": ports} if ports else {})]}})
     for version in K8S_VERSIONS:
-        for obj in [*core, runtime_pod]:
+        for obj in [*core, *runtime_pods]:
             kubernetes_validate.validate(obj, version, strict=True)
     # The validator is strict: a misspelt field fails.
     broken = json.loads(json.dumps(one(core, "Deployment")))
@@ -73,11 +81,12 @@ def test_manifests_use_real_flags_and_agree_on_ports_probes_and_shutdown(serve_o
         check_flag(serve_options, flag, value, "Deployment args")
     for var in container.get("env", []):
         check_flag(serve_options, env_flag(var["name"]), var.get("value"), "Deployment env", env=True)
+    http_port = int(effective(serve_options, args, "--http-port"))
     grpc_port = int(effective(serve_options, args, "--grpc-port"))
     metrics_port = int(effective(serve_options, args, "--metrics-port"))
-    assert (grpc_port, metrics_port) == (GRPC_PORT, METRICS_PORT)
+    assert (http_port, grpc_port, metrics_port) == (HTTP_PORT, GRPC_PORT, METRICS_PORT)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": grpc_port, "metrics": metrics_port}
+    assert ports == {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
 
     # Probes: gRPC health on the gRPC port; liveness on the service that stays up while the process runs.
     assert container["livenessProbe"]["grpc"] == {"port": grpc_port, "service": "liveness"}
@@ -107,7 +116,9 @@ def test_manifests_use_real_flags_and_agree_on_ports_probes_and_shutdown(serve_o
         assert service["spec"]["selector"].items() <= labels.items()
         for p in service["spec"]["ports"]:
             assert p["targetPort"] in ports and p["port"] == ports[p["targetPort"]], p
-    assert {p["name"] for p in one(objects, "Service", "deepserve")["spec"]["ports"]} == {"grpc", "metrics"}
+    service_ports = {p["name"]: p for p in one(objects, "Service", "deepserve")["spec"]["ports"]}
+    assert set(service_ports) == {"http", "grpc", "metrics"}
+    assert (service_ports["http"]["appProtocol"], service_ports["grpc"]["appProtocol"]) == ("http", "kubernetes.io/h2c")
 
     hpa = one(objects, "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
@@ -125,35 +136,46 @@ def test_manifests_use_real_flags_and_agree_on_ports_probes_and_shutdown(serve_o
     assert [(e["port"], e.get("path", "/metrics")) for e in endpoints] == [("metrics", "/metrics")]
 
 
-def test_kserve_runtime_and_inference_service(serve_options):
+def test_kserve_runtime_and_inference_services(serve_options):
+    """The runtime offers the Open Inference Protocol over REST and gRPC and listens where KServe sends each (its own
+    Triton runtime's ports); each InferenceService picks one protocol and the port that carries it."""
     runtime = kserve_runtime()
     assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1"
     spec = runtime["spec"]
     formats = {f["name"]: f for f in spec["supportedModelFormats"]}
     assert formats["onnx"].get("autoSelect") is True
-    assert "grpc-v2" in spec["protocolVersions"]
-    assert "v2" not in spec["protocolVersions"], "deepserve has no REST endpoint to offer"
+    assert spec["protocolVersions"] == ["v2", "grpc-v2"]
     container = spec["containers"][0]
     assert container["name"] == "kserve-container"
     args = flag_values(container["args"])
     for flag, value in args.items():
         check_flag(serve_options, flag, value, "ServingRuntime args")
     assert effective(serve_options, args, "--repository") == "/mnt/models", "KServe's storage initializer target"
+    http_port = int(effective(serve_options, args, "--http-port"))
     grpc_port = int(effective(serve_options, args, "--grpc-port"))
-    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [("h2c", grpc_port)]
+    assert (http_port, grpc_port) == (KSERVE_HTTP_PORT, KSERVE_GRPC_PORT)
+    # No port in the runtime: Knative takes one per container and the InferenceService's replaces it; without
+    # one, KServe routes to its default port, which is where REST listens.
+    assert "ports" not in container
     metrics_port = effective(serve_options, args, "--metrics-port")
     assert spec["annotations"]["prometheus.kserve.io/port"] == metrics_port
     assert spec["annotations"]["prometheus.kserve.io/path"] == "/metrics"
 
-    isvc = one(yaml_docs(DEPLOY / "kserve" / "inferenceservice.yaml"), "InferenceService")
-    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
-    model = isvc["spec"]["predictor"]["model"]
-    assert model["runtime"] == runtime["metadata"]["name"]
-    assert model["modelFormat"]["name"] in formats
-    assert model["protocolVersion"] in spec["protocolVersions"]
-    scheme, _, rest = model["storageUri"].partition("://")
-    assert scheme == "pvc"
-    one(k8s_objects(), "PersistentVolumeClaim", rest.split("/")[0])
+    isvcs = yaml_docs(DEPLOY / "kserve" / "inferenceservice.yaml")
+    assert sorted(i["spec"]["predictor"]["model"]["protocolVersion"] for i in isvcs) == ["grpc-v2", "v2"]
+    for isvc in isvcs:
+        assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+        model = isvc["spec"]["predictor"]["model"]
+        assert model["runtime"] == runtime["metadata"]["name"]
+        assert model["modelFormat"]["name"] in formats
+        assert model["protocolVersion"] in spec["protocolVersions"]
+        ports = [(p["name"], p["containerPort"]) for p in model.get("ports", [])]
+        # gRPC: one port named h2c (Knative carries HTTP/2 cleartext to it) on --grpc-port; REST: the default.
+        assert ports == ([("h2c", grpc_port)] if model["protocolVersion"] == "grpc-v2" else []), isvc["metadata"]
+        scheme, _, rest = model["storageUri"].partition("://")
+        assert scheme == "pvc"
+        one(k8s_objects(), "PersistentVolumeClaim", rest.split("/")[0])
+    assert len({i["metadata"]["name"] for i in isvcs}) == len(isvcs)
 
 
 @pytest.mark.slow
@@ -165,8 +187,8 @@ def test_deployment_args_serve_and_shut_down_as_the_probes_expect(tmp_path, serv
     shutdown = float(effective(serve_options, args, "--shutdown-grace-secs"))
     grace = one(k8s_objects(), "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     repo = tiny_repository(tmp_path)
-    grpc_port, metrics_port = support.free_port(), support.free_port()
-    cmd = [str(BIN / "deepserve"), "serve", *deployment_args(repo, grpc_port, metrics_port)]
+    grpc_port, metrics_port, http_port = support.free_port(), support.free_port(), support.free_port()
+    cmd = [str(BIN / "deepserve"), "serve", *deployment_args(repo, grpc_port, metrics_port, http_port)]
     liveness = container["livenessProbe"]["grpc"]["service"]
     readiness = container["readinessProbe"]["grpc"].get("service", "")
     with running(cmd, clean_env(), tmp_path / "serve.log", grpc_port, readiness) as proc:
