@@ -53,10 +53,6 @@ HTTP_METRICS = {
     "deepserve_http_requests": ("counter", {"endpoint", "code"}),
     "deepserve_http_request_duration_seconds": ("histogram", {"endpoint"}),
 }
-# Until the HTTP front end is merged, the tests that need it on a live server wait for it.
-HTTP_FRONT_END = (ROOT / "service" / "http_api.py").exists()
-needs_http_front_end = pytest.mark.skipif(not HTTP_FRONT_END, reason="service/http_api.py (the HTTP front end of "
-                                          "issue 13) is not in this tree yet: no live HTTP endpoint or metric")
 # Labels Prometheus adds to every scraped series (static targets; the Prometheus Operator's PodMonitor adds the rest).
 SCRAPE_LABELS = {"job", "instance", "namespace", "pod", "container", "endpoint", "service"}
 SAMPLE_SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count"),

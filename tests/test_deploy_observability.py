@@ -25,7 +25,6 @@ from deploy_support import (
     exported,
     infer,
     metric_names,
-    needs_http_front_end,
     running,
     scrape,
     tiny_repository,
@@ -184,7 +183,6 @@ def http_json(url: str, body: dict | None = None) -> tuple[int, dict | None]:
     return status, json.loads(raw) if raw else None
 
 
-@needs_http_front_end
 @pytest.mark.slow
 def test_http_metrics_a_dashboard_query_uses_are_exported_after_http_requests(tmp_path):
     """Over HTTP, on the Deployment's args with the HTTP port moved: the HTTP panels' metrics are exported with the
