@@ -71,11 +71,11 @@ def load_version(model_dir: Path, version: int, config: model_config_pb2.ModelCo
     for note in place.notes:
         log.warning("model %s version %d: %s", name, version, note)
     sequences = Sequences(name, config) if config.HasField("sequence_batching") else None
-    probe = _warmup(instances, config, inputs, sequences)
-    if place.intra_chosen and place.intra_threads > 1 and runs_fast(lambda: instances[0].run(probe)):
+    probe = _warmup(instances, config, inputs, sequences, name)
+    if probe and place.intra_chosen and place.intra_threads > 1 and runs_fast(lambda: instances[0].run(probe)):
         place.intra_threads = so.intra_op_num_threads = 1  # see runtime.FAST_RUN_NS
         instances = [Instance(str(path), so, place) for _ in range(place.count)]
-        _warmup(instances, config, inputs, sequences)
+        _warmup(instances, config, inputs, sequences, name)
     config.parameters["intra_op_thread_count"].string_value = str(place.intra_threads)  # reported by ModelConfig
     recorder = Recorder(metrics, name, str(version))
     text = TextInput(config, inputs) if "text_input" in config.parameters else None
@@ -107,16 +107,20 @@ def _metadata(mv: ModelVersion) -> dict:
 def _sample(spec: TensorSpec, dims: list[int], batch: int, random: bool) -> np.ndarray:
     shape = ([batch] if spec.shape[:1] == (-1,) and len(dims) == len(spec.shape) - 1 else []) + list(dims)
     if spec.dtype is BYTES:
-        return np.full(shape, b"", dtype=object)
+        return np.full(shape, "0", dtype=object)  # text that also parses as a number (a graph may Cast it)
     if random:
         return np.random.default_rng(0).random(shape).astype(spec.dtype.numpy)
     return np.zeros(shape, dtype=spec.dtype.numpy)
 
 
 def _warmup(instances: list[Instance], config: model_config_pb2.ModelConfig, inputs: dict[str, TensorSpec],
-            sequences: Sequences | None) -> dict[str, np.ndarray]:
-    """Config `model_warmup` samples, or one zero-data request of batch 1 (each dynamic dim 1). Returns the first
-    sample's feeds, to time the model with."""
+            sequences: Sequences | None, model: str = "") -> dict[str, np.ndarray]:
+    """Config `model_warmup` samples, or one implicit request of batch 1 (each dynamic dim 1, zeros, BYTES "0").
+    Returns the feeds that ran, to time the model with ({} when the implicit one could not run).
+
+    A failed `model_warmup` sample is a load error: the config asked for it. The implicit request is ours, not the
+    config's (Triton warms up only what model_warmup lists), so a graph that rejects it (a string parser that wants
+    other text, a shape the zeros do not fit) still loads, with a warning; only the one-thread timing is skipped."""
     plans = []
     for w in config.model_warmup:
         feeds = {}
@@ -134,6 +138,7 @@ def _warmup(instances: list[Instance], config: model_config_pb2.ModelConfig, inp
         feeds = {n: _sample(s, [1 if d == -1 else d for d in s.shape[1 if config.max_batch_size else 0:]], 1, False)
                  for n, s in inputs.items() if not s.optional}
         plans.append(("default", feeds, 1))
+    implicit = not config.model_warmup
     first: dict[str, np.ndarray] = {}
     for name, feeds, count in plans:
         if sequences:
@@ -145,5 +150,10 @@ def _warmup(instances: list[Instance], config: model_config_pb2.ModelConfig, inp
                 try:
                     inst.run(feeds)
                 except Exception as exc:
+                    if implicit:
+                        log.warning("model %s: the implicit warmup request (zeros, BYTES \"0\") did not run: %s; "
+                                    "loading anyway (add model_warmup to the config to warm up with real data)",
+                                    model, str(exc).splitlines()[0][:200])
+                        return {}
                     raise ModelLoadError(f"warmup {name!r} failed: {exc}") from exc
     return first

@@ -336,3 +336,18 @@ def proc_status(pid: int) -> dict[str, int]:
         if key.startswith("Vm") and rest.strip().endswith("kB"):
             out[key] = int(rest.split()[0]) * 1024
     return out
+
+
+def parse_model(fixed: int | None = None) -> onnx.ModelProto:
+    """text BYTES [B,n] of decimal strings -> value INT32 [B,n] (a Cast of strings, as Triton users' graphs parse
+    their inputs). With `fixed`, the strings are reshaped to [B, fixed] first: zeros of shape [1,1] cannot run."""
+    t = helper.make_tensor_value_info("text", TensorProto.STRING, ["batch", "n"])
+    o = helper.make_tensor_value_info("value", TensorProto.INT32, ["batch", fixed or "n"])
+    nodes, inits = [], []
+    src = "text"
+    if fixed:
+        inits.append(helper.make_tensor("shape", TensorProto.INT64, [2], [-1, fixed]))
+        nodes.append(helper.make_node("Reshape", ["text", "shape"], ["fixed"]))
+        src = "fixed"
+    nodes.append(helper.make_node("Cast", [src], ["value"], to=TensorProto.INT32))
+    return helper.make_model(helper.make_graph(nodes, "parse", [t], [o], initializer=inits))

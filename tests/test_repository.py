@@ -8,7 +8,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from support import Server, add_sub_model, outputs, request, save
+from support import Server, add_sub_model, outputs, parse_model, request, save
 
 from service._proto import inference_pb2 as pb
 
@@ -77,6 +77,10 @@ def mixed(tmp_path_factory):
     for name, config in GOOD.items():
         for v in (1, 2, 3) if name in ("latest2", "specific") else (1,):
             save(add_sub_model(scale=float(v)), repo, name, version=v, config=config)
+    # Valid models the implicit warmup once refused: a Cast of strings to INT32 (empty strings do not parse), and
+    # one whose graph cannot take the implicit request's shape at all (it loads with a warning, as in Triton).
+    save(parse_model(), repo, "parse", config="max_batch_size: 4\n")
+    save(parse_model(fixed=3), repo, "parse_fixed", config="max_batch_size: 4\n")
     (repo / "no_versions").mkdir()
     (repo / ".publishing-tmp" / "1").mkdir(parents=True)  # hidden: a publish in progress, ignored
     strict = Server(repo, wait_ready=False)
@@ -138,3 +142,14 @@ def test_version_policies(mixed):
     with pytest.raises(grpc.RpcError) as err:
         stub.ModelInfer(request("specific", "2", x=x, y=x))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_valid_model_the_implicit_warmup_cannot_run_still_loads_and_serves(mixed):
+    """Triton warms up only what model_warmup lists: our implicit request must never refuse a valid model."""
+    stub = _stub(mixed[1])
+    for name, text in (("parse", [["12", "-7"]]), ("parse_fixed", [["1", "2", "3"]])):
+        assert stub.ModelReady(pb.ModelReadyRequest(name=name)).ready, name
+        got = outputs(stub.ModelInfer(request(name, text=np.array(text, dtype=object))))["value"]
+        np.testing.assert_array_equal(got, np.array(text, dtype=np.int32))
+    assert "model parse_fixed: the implicit warmup request" in mixed[1].log()
+    assert "model parse: the implicit warmup request" not in mixed[1].log()
