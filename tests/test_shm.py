@@ -20,6 +20,7 @@ from support import ROOT, Server, outputs, request
 
 from service._proto import inference_pb2 as pb
 from service._proto import inference_pb2_grpc
+from service.errors import InvalidArgument
 
 PERF_ANALYZER = ROOT.parent / "shared" / "tools" / "perf_analyzer"
 # --http-port 0: this branch has no HTTP front end yet; the shared memory calls tested here are gRPC's
@@ -413,3 +414,28 @@ def test_perf_analyzer_shared_memory_system(shm_server, stub, tmp_path):
     # perf_analyzer unregisters what it registered, and the server took every request it sent
     assert stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest()).regions == {}
     assert "error" not in r.stdout.lower() and "unable" not in (r.stdout + r.stderr).lower()
+
+
+def test_a_view_outliving_its_region_stays_valid(shm_object):
+    """In process: a numpy view of an input (a request cancelled while its batch still runs) keeps the mapping
+    alive after the region is unregistered and closed; the registry never unmaps memory that is still viewed."""
+    from service.shm import SharedMemory
+
+    obj = shm_object(16)
+    obj.put(0, np.arange(4, dtype=np.float32))
+    shm = SharedMemory(allowed=True)
+    shm.register("r", obj.key, 0, 16)
+    lease = shm.lease()
+    arr = np.frombuffer(lease.read("r", 0, 16, "input 'x'"), dtype=np.float32)
+    shm.unregister()
+    lease.release()  # the last user: the region is closed now, while `arr` still views it
+    assert shm.status() == [] and arr.tolist() == [0.0, 1.0, 2.0, 3.0]
+    lease = shm.lease()
+    with pytest.raises(InvalidArgument, match="^input 'x': system shared memory region 'r' is not registered$"):
+        lease.read("r", 0, 16, "input 'x'")
+    shm.register("w", obj.key, 8, 8)  # the registry's own read and write, offsets relative to the region
+    shm.write("w", 4, b"abcd")
+    assert bytes(shm.read("w", 4, 4)) == b"abcd" and obj.map[12:16] == b"abcd"
+    with pytest.raises(InvalidArgument, match="past the end of region 'w' \\(8 bytes\\)$"):
+        shm.write("w", 6, b"abcd")
+    shm.close()
