@@ -9,8 +9,9 @@ Safety, because a region is memory another process controls:
 - register checks offset + byte_size against the object's size, and every use checks its own offset and size
   against the region, and the object's size again (fstat), so a read or write never leaves the mapping, and an
   object truncated since registration is refused instead of faulting (SIGBUS) on access;
-- a region named by running requests may be unregistered (as Triton >= 24.12 defers it): the name is free at once,
-  the requests that hold it finish on the old mapping, which is closed when the last of them releases it.
+- a region named by running requests may be unregistered, deferred as Triton defers it (server PR 7743, 2024;
+  before it Triton refused): the name is free at once, the requests that hold it finish on the old mapping, which
+  is closed when the last of them releases it (Triton keeps the name taken until then).
 We open objects with os.open, not multiprocessing.shared_memory: on Python 3.11 its resource tracker would unlink,
 at server exit, segments the client created."""
 

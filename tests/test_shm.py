@@ -336,7 +336,7 @@ def _pending(server: Server, model: str) -> float:
 
 
 def test_unregister_while_requests_use_the_region(edge_repository, shm_object):
-    """Documented behaviour (Triton >= 24.12 defers the same way): unregister answers OK at once and the name is
+    """Documented behaviour (deferred, as current Triton does): unregister answers OK at once and the name is
     free; the running requests finish on the old mapping, reading their inputs and writing their outputs."""
     server = Server(edge_repository, "--http-port", "0", env={"DEEPSERVE_ALLOW_SHARED_MEMORY": "1"})
     try:
