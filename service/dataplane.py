@@ -19,22 +19,26 @@ import numpy as np
 from service import __version__
 from service._proto import model_config_pb2
 from service.config import parse_json
-from service.errors import InvalidArgument, ModelLoadError, NotFound, Unavailable, kind_of
+from service.errors import InvalidArgument, ModelLoadError, NotFound, Unavailable, Unimplemented, kind_of
 from service.models import ModelVersion
-from service.protocol import InferRequest, InferResponse, OutputTensor, RequestedOutput, parameter_int
+from service.protocol import InferRequest, InferResponse, InputTensor, OutputTensor, RequestedOutput, parameter_int
 from service.registry import READY, Registry
+from service.shm import Lease, SharedMemory
 from service.state import ServerState
-from service.tensors import BYTES, decode_input
+from service.tensors import BYTES, decode_input, encode_bytes
 from service.workers import SharedStats, merge
 
 log = logging.getLogger("deepserve.access")
 EXTENSIONS = ["classification", "sequence", "model_repository", "model_repository(unload_dependents)",
               "schedule_policy", "model_configuration", "statistics", "parameters", "binary_tensor_data"]
+SYSTEM_SHARED_MEMORY = "system_shared_memory"  # advertised only with --allow-shared-memory: it works only then
+REGION, REGION_SIZE, REGION_OFFSET = "shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"
 
 
 class DataPlane:
     def __init__(self, registry: Registry, state: ServerState, max_inflight: int = 0, access_log: bool = False,
-                 max_elements: int = 0, shared: SharedStats | None = None) -> None:
+                 max_elements: int = 0, shared: SharedStats | None = None,
+                 shared_memory: SharedMemory | None = None) -> None:
         self.registry = registry
         self.state = state
         self.max_elements = max_elements
@@ -42,6 +46,7 @@ class DataPlane:
         self.access_log = access_log
         self.shared = shared  # --workers: the other workers' statistics
         self.inflight = 0  # accepted and not yet answered; the drain on shutdown waits for 0
+        self.shm = shared_memory or SharedMemory(allowed=False)
 
     # --- health and metadata ------------------------------------------------------------------------------------
     def live(self) -> bool:
@@ -58,7 +63,8 @@ class DataPlane:
         return not self.state.draining
 
     def server_metadata(self) -> dict:
-        return {"name": "deepserve", "version": __version__, "extensions": list(EXTENSIONS)}
+        extensions = EXTENSIONS + [SYSTEM_SHARED_MEMORY] if self.shm.allowed else list(EXTENSIONS)
+        return {"name": "deepserve", "version": __version__, "extensions": extensions}
 
     def model_metadata(self, name: str, version: str = "") -> dict:
         mv = self.registry.lookup(name, version)
@@ -127,6 +133,34 @@ class DataPlane:
         await self.registry.unload(name)
         self.state.changed()
 
+    # --- shared memory (Triton's extensions; service.shm has the safety rules) ----------------------------------
+    def system_shared_memory_status(self, name: str = "") -> list[dict]:
+        """[{name, key, offset, byte_size}] for one region or, with no name, every region."""
+        return self.shm.status(name)
+
+    def system_shared_memory_register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        self.shm.register(name, key, offset, byte_size)
+
+    def system_shared_memory_unregister(self, name: str = "") -> None:
+        """One region, or all of them with no name; a region in use is closed when its requests finish."""
+        self.shm.unregister(name)
+
+    # CUDA shared memory: no region can be registered, so status and unregister answer for none, as a Triton built
+    # without GPUs does (perf_analyzer --shared-memory system unregisters CUDA regions too, and reports an error
+    # when that fails); register is UNIMPLEMENTED.
+    def cuda_shared_memory_status(self, name: str = "") -> list[dict]:
+        if name:
+            raise NotFound(f"CUDA shared memory region {name!r} is not registered (CUDA shared memory is not "
+                           "supported by this server)")
+        return []
+
+    def cuda_shared_memory_register(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+        raise Unimplemented(f"CUDA shared memory region {name!r}: CUDA shared memory is not supported by this "
+                            "server; use system shared memory (--allow-shared-memory) or send tensors in the request")
+
+    def cuda_shared_memory_unregister(self, name: str = "") -> None:
+        """Nothing is ever registered: a no-op, as system shared memory's unregister of an unknown name."""
+
     # --- inference ----------------------------------------------------------------------------------------------
     async def infer(self, request: InferRequest) -> InferResponse:
         self.inflight += 1
@@ -158,15 +192,16 @@ class DataPlane:
         mv = self.registry.lookup(request.model, request.version)
         rec = mv.recorder
         rec.pending.inc()
+        lease = self.shm.lease() if _uses_shm(request) else None
         try:
-            feeds, rows = decode_request(request, mv, self.max_elements)
-            wanted = requested_outputs(request, mv)
+            feeds, rows = decode_request(request, mv, self.max_elements, lease)
+            wanted = requested_outputs(request, mv, lease)
             timeout_us = _timeout_us(request, mv)
             if mv.sequences is None:
                 outputs = await mv.batcher.submit(feeds, rows, timeout_us)
             else:
                 outputs = await mv.sequences.step(feeds, rows, request.parameters, timeout_us)
-            response = InferResponse(mv.name, mv.version_str, request.id, _outputs(mv, outputs, wanted))
+            response = InferResponse(mv.name, mv.version_str, request.id, _outputs(mv, outputs, wanted, lease))
         except asyncio.CancelledError:
             rec.request_failed(time.perf_counter_ns() - t0, "CANCELLED")
             raise
@@ -175,6 +210,8 @@ class DataPlane:
             raise
         finally:
             rec.pending.dec()
+            if lease is not None:
+                lease.release()
         rec.request_ok(time.perf_counter_ns() - t0, rows)
         return response
 
@@ -188,9 +225,33 @@ def _timeout_us(request: InferRequest, mv: ModelVersion) -> int:
     return value
 
 
-def decode_request(request: InferRequest, mv: ModelVersion, max_elements: int = 0
+def _uses_shm(request: InferRequest) -> bool:
+    return any(REGION in t.parameters for t in request.inputs) or any(REGION in o.parameters for o in request.outputs)
+
+
+def _region_args(params: dict, where: str) -> tuple[str, int, int]:
+    """(region, offset, byte_size) of an input or output that names a shared memory region."""
+    name = params[REGION]
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument(f"{where}: parameter {REGION} must be a region name (string), got {name!r}")
+    if REGION_SIZE not in params:
+        raise InvalidArgument(f"{where}: parameter {REGION} needs {REGION_SIZE} too")
+    return name, parameter_int(params, REGION_OFFSET, where), parameter_int(params, REGION_SIZE, where)
+
+
+def _shm_input(tensor: InputTensor, lease: Lease | None, where: str) -> None:
+    """Point the input's raw contents at its region bytes, in place: decode_input then checks them as any raw."""
+    if tensor.raw is not None or tensor.values is not None:
+        raise InvalidArgument(f"{where}: names shared memory region {tensor.parameters[REGION]!r} and also "
+                              "carries contents; send one")
+    name, offset, size = _region_args(tensor.parameters, where)
+    tensor.raw = lease.read(name, offset, size, where)
+
+
+def decode_request(request: InferRequest, mv: ModelVersion, max_elements: int = 0, lease: Lease | None = None
                    ) -> tuple[dict[str, np.ndarray], int]:
-    """Inputs as numpy arrays in the model's input order, and the batch size (rows) they share."""
+    """Inputs as numpy arrays in the model's input order, and the batch size (rows) they share. Inputs that name a
+    shared memory region are views of it (`lease` holds the regions)."""
     where = f"model {mv.name!r}"
     if not request.inputs:
         raise InvalidArgument(f"{where}: the request has no inputs; expected {_names(mv.inputs)}")
@@ -199,6 +260,8 @@ def decode_request(request: InferRequest, mv: ModelVersion, max_elements: int = 
     used = 0  # elements decoded so far: --max-elements bounds the whole request
     for tensor in request.inputs:
         name = tensor.name
+        if lease is not None and REGION in tensor.parameters:
+            _shm_input(tensor, lease, f"{where} input {name!r}")
         if text is not None and name == text.name:
             if text.target in decoded:
                 raise InvalidArgument(f"{where}: send {text.name!r} or {text.target!r}, not both, and once")
@@ -232,8 +295,9 @@ def decode_request(request: InferRequest, mv: ModelVersion, max_elements: int = 
     return feeds, rows
 
 
-def requested_outputs(request: InferRequest, mv: ModelVersion) -> list[RequestedOutput]:
-    """What to answer, in request order; every output when none is named."""
+def requested_outputs(request: InferRequest, mv: ModelVersion, lease: Lease | None = None) -> list[RequestedOutput]:
+    """What to answer, in request order; every output when none is named. An output's shared memory region is
+    checked here, before the model runs."""
     requested = request.outputs
     if not requested:
         return [RequestedOutput(n, binary=request.binary_outputs) for n in mv.outputs]
@@ -245,10 +309,16 @@ def requested_outputs(request: InferRequest, mv: ModelVersion) -> list[Requested
         if isinstance(k, bool) or not isinstance(k, int) or k < 0 or (k == 0 and "classification" in out.parameters):
             raise InvalidArgument(f"model {mv.name!r} output {out.name!r}: classification must be a positive "
                                   f"int64 (top k), got {k!r}")
+        if lease is not None and REGION in out.parameters:
+            where = f"model {mv.name!r} output {out.name!r}"
+            lease.check(*_region_args(out.parameters, where), where)
     return requested
 
 
-def _outputs(mv: ModelVersion, outputs: dict[str, np.ndarray], wanted: list[RequestedOutput]) -> list[OutputTensor]:
+def _outputs(mv: ModelVersion, outputs: dict[str, np.ndarray], wanted: list[RequestedOutput],
+             lease: Lease | None = None) -> list[OutputTensor]:
+    """The reply's outputs, in request order; those requested in shared memory are written there and marked with
+    their region parameters (the front ends then send no contents for them)."""
     out = []
     for w in wanted:
         arr = outputs[w.name]
@@ -258,7 +328,15 @@ def _outputs(mv: ModelVersion, outputs: dict[str, np.ndarray], wanted: list[Requ
             dtype = BYTES
         else:
             dtype = mv.outputs[w.name].dtype
-        out.append(OutputTensor(w.name, dtype.wire, arr.shape, arr, w.binary))
+        tensor = OutputTensor(w.name, dtype.wire, arr.shape, arr, w.binary)
+        if lease is not None and REGION in w.parameters:
+            where = f"model {mv.name!r} output {w.name!r}"
+            name, offset, size = _region_args(w.parameters, where)
+            data = encode_bytes(arr) if dtype is BYTES else \
+                np.ascontiguousarray(arr, dtype=dtype.numpy).reshape(-1).view(np.uint8)
+            written = lease.write(name, offset, size, data, where)
+            tensor.parameters = {REGION: name, REGION_SIZE: written, REGION_OFFSET: offset}
+        out.append(tensor)
     return out
 
 

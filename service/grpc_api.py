@@ -15,7 +15,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from service._proto import inference_pb2 as pb
-from service.dataplane import DataPlane
+from service.dataplane import REGION, DataPlane
 from service.errors import KINDS, InvalidArgument, describe
 from service.metrics import Metrics
 from service.protocol import InferRequest, InferResponse, InputTensor, RequestedOutput
@@ -98,18 +98,22 @@ def parameters(params) -> dict:
 def to_request(msg: pb.ModelInferRequest) -> InferRequest:
     raws = msg.raw_input_contents
     where = f"model {msg.model_name!r}"
-    if raws and len(raws) != len(msg.inputs):
-        raise InvalidArgument(f"{where}: {len(raws)} raw_input_contents for {len(msg.inputs)} inputs; "
-                              "send one raw entry per input, in order")
+    # an input in shared memory has no raw entry (tritonclient sends raw ones only for the others, in order)
+    in_shm = [REGION in t.parameters for t in msg.inputs] if raws else ()
+    if raws and len(raws) != len(msg.inputs) - sum(in_shm):
+        raise InvalidArgument(f"{where}: {len(raws)} raw_input_contents for {len(msg.inputs) - sum(in_shm)} inputs "
+                              "not in shared memory; send one raw entry per such input, in order")
     inputs = []
+    raw_index = 0
     for i, t in enumerate(msg.inputs):
         has_typed = t.HasField("contents") and t.contents.ByteSize() > 0
         tensor = InputTensor(t.name, t.datatype, tuple(t.shape))
-        if raws:
+        if raws and not in_shm[i]:
             if has_typed:
                 raise InvalidArgument(f"{where} input {t.name!r}: both raw_input_contents and typed contents are "
                                       "set; use one")
-            tensor.raw = raws[i]
+            tensor.raw = raws[raw_index]
+            raw_index += 1
         elif has_typed:
             dt = BY_WIRE.get(t.datatype)
             if dt is not None and dt.typed_field is None:
@@ -118,7 +122,7 @@ def to_request(msg: pb.ModelInferRequest) -> InferRequest:
             if dt is not None:
                 tensor.values = getattr(t.contents, dt.typed_field)
                 tensor.values_from = f"contents.{dt.typed_field}"
-        elif any(d != 0 for d in t.shape):
+        elif any(d != 0 for d in t.shape) and REGION not in t.parameters:
             raise InvalidArgument(f"{where} input {t.name!r}: no contents (neither raw_input_contents nor typed "
                                   "contents)")
         if t.parameters:
@@ -134,7 +138,14 @@ def to_request(msg: pb.ModelInferRequest) -> InferRequest:
 def from_response(response: InferResponse) -> pb.ModelInferResponse:
     msg = pb.ModelInferResponse(model_name=response.model, model_version=response.version, id=response.id)
     for out in response.outputs:
-        msg.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+        tensor = msg.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+        if REGION in out.parameters:
+            # written to shared memory: an empty raw entry, as Triton sends, since clients pair outputs[i] with
+            # raw_output_contents[i] (perf_analyzer's C++ client reads that entry unchecked and crashes without it)
+            for key, value in out.parameters.items():
+                setattr(tensor.parameters[key], "string_param" if isinstance(value, str) else "int64_param", value)
+            msg.raw_output_contents.append(b"")
+            continue
         msg.raw_output_contents.append(to_raw(out.data, BY_WIRE[out.datatype]))
     return msg
 
@@ -241,3 +252,38 @@ class Servicer:
     async def RepositoryModelUnload(self, request, context):
         await self.dataplane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+    @rpc
+    async def SystemSharedMemoryStatus(self, request, context):
+        reply = pb.SystemSharedMemoryStatusResponse()
+        for region in self.dataplane.system_shared_memory_status(request.name):
+            reply.regions[region["name"]].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(**region))
+        return reply
+
+    @rpc
+    async def SystemSharedMemoryRegister(self, request, context):
+        self.dataplane.system_shared_memory_register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @rpc
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self.dataplane.system_shared_memory_unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @rpc
+    async def CudaSharedMemoryStatus(self, request, context):
+        reply = pb.CudaSharedMemoryStatusResponse()
+        for region in self.dataplane.cuda_shared_memory_status(request.name):
+            reply.regions[region["name"]].CopyFrom(pb.CudaSharedMemoryStatusResponse.RegionStatus(**region))
+        return reply
+
+    @rpc
+    async def CudaSharedMemoryRegister(self, request, context):
+        self.dataplane.cuda_shared_memory_register(request.name, request.raw_handle, request.device_id,
+                                                   request.byte_size)
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    @rpc
+    async def CudaSharedMemoryUnregister(self, request, context):
+        self.dataplane.cuda_shared_memory_unregister(request.name)
+        return pb.CudaSharedMemoryUnregisterResponse()

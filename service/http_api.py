@@ -27,7 +27,7 @@ from service.security import Tokens
 
 log = logging.getLogger("deepserve.http")
 ERROR_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "UNAVAILABLE": 503, "UNIMPLEMENTED": 501,
-                "UNAUTHENTICATED": 401, "RESOURCE_EXHAUSTED": 429, "INTERNAL": 500}
+                "UNAUTHENTICATED": 401, "RESOURCE_EXHAUSTED": 429, "INTERNAL": 500, "ALREADY_EXISTS": 400}
 JSON = "application/json"
 
 
@@ -229,6 +229,37 @@ class HttpApi:
         await self.dataplane.unload(req.params["model"])
         return Reply(200)
 
+    # --- shared memory (Triton's extension; the rules and the safety checks are the data plane's) ---------------
+    async def shm_status(self, req: Request) -> Reply:
+        return json_reply(self.dataplane.system_shared_memory_status(req.params.get("region", "")))
+
+    async def shm_register(self, req: Request) -> Reply:
+        name = req.params["region"]
+        doc = _body_json(req, f"shared memory region {name!r}", allow_empty=False)
+        key, offset, size = doc.get("key"), doc.get("offset", 0), doc.get("byte_size")
+        if not isinstance(key, str) or not _is_int(offset) or not _is_int(size):
+            raise InvalidArgument(f"shared memory region {name!r}: register needs 'key' (string), 'offset' and "
+                                  "'byte_size' (integers)")
+        self.dataplane.system_shared_memory_register(name, key, offset, size)
+        return Reply(200)
+
+    async def shm_unregister(self, req: Request) -> Reply:
+        self.dataplane.system_shared_memory_unregister(req.params.get("region", ""))
+        return Reply(200)
+
+    async def cuda_shm_status(self, req: Request) -> Reply:
+        return json_reply(self.dataplane.cuda_shared_memory_status(req.params.get("region", "")))
+
+    async def cuda_shm_register(self, req: Request) -> Reply:
+        name = req.params["region"]
+        doc = _body_json(req, f"CUDA shared memory region {name!r}")
+        self.dataplane.cuda_shared_memory_register(name, b"", doc.get("device_id", 0), doc.get("byte_size", 0))
+        return Reply(200)
+
+    async def cuda_shm_unregister(self, req: Request) -> Reply:
+        self.dataplane.cuda_shared_memory_unregister(req.params.get("region", ""))
+        return Reply(200)
+
     async def unimplemented(self, req: Request) -> Reply:
         raise Unimplemented(f"{req.method} {req.path}: this extension is not implemented by deepserve")
 
@@ -239,6 +270,10 @@ class HttpApi:
         if self._openapi is None:
             self._openapi = orjson.dumps(openapi.document(ROUTES))
         return Reply(200, self._openapi)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _b64(value: str, model: str, key: str) -> bytes:
@@ -261,6 +296,20 @@ ROUTES: list[Route] = [
           HttpApi.load),
     Route("POST", "/v2/repository/models/{model}/unload", "repository_unload", "Unload a model", HttpApi.unload),
 ]
+for kind, api in (("system", ""), ("cuda", "cuda_")):
+    base = f"/v2/{kind}sharedmemory"
+    ROUTES += [
+        Route("GET", base + "/status", f"{api}shm_status", f"Every {kind} shared memory region",
+              getattr(HttpApi, f"{api}shm_status")),
+        Route("GET", base + "/region/{region}/status", f"{api}shm_status_region", f"One {kind} shared memory region",
+              getattr(HttpApi, f"{api}shm_status")),
+        Route("POST", base + "/region/{region}/register", f"{api}shm_register", f"Register a {kind} shared memory "
+              "region", getattr(HttpApi, f"{api}shm_register")),
+        Route("POST", base + "/unregister", f"{api}shm_unregister", f"Unregister every {kind} shared memory region",
+              getattr(HttpApi, f"{api}shm_unregister")),
+        Route("POST", base + "/region/{region}/unregister", f"{api}shm_unregister_region",
+              f"Unregister a {kind} shared memory region", getattr(HttpApi, f"{api}shm_unregister")),
+    ]
 for prefix, suffix in ((_M, ""), (_V, "_version")):
     ROUTES += [
         Route("GET", prefix, "model_metadata" + suffix, "Model metadata", HttpApi.model_metadata),
@@ -270,4 +319,4 @@ for prefix, suffix in ((_M, ""), (_V, "_version")):
         Route("POST", prefix + "/infer", "infer" + suffix, "Inference", HttpApi.infer),
     ]
 # Triton extensions not implemented here: a clear 501 rather than a 404.
-UNIMPLEMENTED_PREFIXES = ("/v2/cudasharedmemory", "/v2/systemsharedmemory", "/v2/trace", "/v2/logging")
+UNIMPLEMENTED_PREFIXES = ("/v2/trace", "/v2/logging")

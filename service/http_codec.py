@@ -130,7 +130,9 @@ def from_response(response: InferResponse) -> tuple[bytes, int | None]:
     outs, tail = [], []
     for o in response.outputs:
         entry = {"name": o.name, "datatype": o.datatype, "shape": list(o.shape)}
-        if o.binary:
+        if o.parameters:  # written to a shared memory region: its parameters, no data
+            entry["parameters"] = dict(o.parameters)
+        elif o.binary:
             raw = to_raw(o.data, BY_WIRE[o.datatype])
             entry["parameters"] = {"binary_data_size": len(raw)}
             tail.append(raw)

@@ -21,42 +21,36 @@ from service.http_api import ROUTES, UNIMPLEMENTED_PREFIXES, HttpApi, Reply, Req
 from service.settings import Settings
 
 log = logging.getLogger("deepserve.http")
-_STATIC: dict[tuple[str, str], Route] = {}
-_MODEL: dict[tuple[str, str, bool], Route] = {}  # (method, action after the model/version, has version) -> route
+_STATIC: dict[tuple[str, str], Route] = {}  # paths without parameters: one dict lookup
+_PATTERNS: dict[tuple[str, int], list[tuple[list[str], Route]]] = {}  # (method, segments) -> [(segments, route)]
 for _r in ROUTES:
-    if "{model}" not in _r.path:
+    if "{" not in _r.path:
         _STATIC[(_r.method, _r.path)] = _r
-    elif _r.path.startswith("/v2/models/"):
-        tail = _r.path.split("{model}", 1)[1]
-        has_version = tail.startswith("/versions/{version}")
-        action = tail.removeprefix("/versions/{version}")
-        _MODEL[(_r.method, action, has_version)] = _r
-_REPOSITORY = {(r.method, r.path.rsplit("/", 1)[1]): r for r in ROUTES if r.path.startswith("/v2/repository/models/")}
+    else:
+        _parts = _r.path.split("/")
+        _PATTERNS.setdefault((_r.method, len(_parts)), []).append((_parts, _r))
 _FALLBACK = Route("*", "", "unknown", "", HttpApi.not_found)
 _UNIMPLEMENTED = Route("*", "", "unimplemented", "", HttpApi.unimplemented)
 
 
 def route(method: str, path: str) -> tuple[Route, dict[str, str]]:
-    """The route and path parameters for a request; unknown paths get the 404 route, Triton extensions we do not
-    implement the 501 one."""
+    """The route and path parameters ({model}, {version}, {region}: one non-empty segment each) for a request;
+    unknown paths get the 404 route, Triton extensions we do not implement the 501 one."""
     r = _STATIC.get((method, path))
     if r is not None:
         return r, {}
     parts = path.split("/")
-    if path.startswith("/v2/models/") and len(parts) >= 4 and parts[3]:
-        params = {"model": parts[3]}
-        rest = parts[4:]
-        has_version = len(rest) >= 2 and rest[0] == "versions"
-        if has_version:
-            params["version"] = rest[1]
-            rest = rest[2:]
-        r = _MODEL.get((method, "".join("/" + p for p in rest), has_version))
-        if r is not None:
+    for pattern, r in _PATTERNS.get((method, len(parts)), ()):
+        params = {}
+        for want, got in zip(pattern, parts, strict=True):
+            if want.startswith("{"):
+                if not got:
+                    break
+                params[want[1:-1]] = got
+            elif want != got:
+                break
+        else:
             return r, params
-    elif path.startswith("/v2/repository/models/") and len(parts) == 6 and parts[4]:
-        r = _REPOSITORY.get((method, parts[5]))
-        if r is not None:
-            return r, {"model": parts[4]}
     if path.startswith(UNIMPLEMENTED_PREFIXES) or "/trace/" in path:
         return _UNIMPLEMENTED, {}
     return _FALLBACK, {}

@@ -56,6 +56,7 @@ class OutputTensor:
     shape: tuple[int, ...]
     data: np.ndarray  # BYTES: an object array of bytes
     binary: bool = True
+    parameters: Parameters = field(default_factory=dict)  # shared_memory_*: written to a region, send no contents
 
 
 @dataclass(slots=True)

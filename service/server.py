@@ -28,6 +28,7 @@ from service.metrics import Metrics
 from service.registry import Registry
 from service.security import ConfigError, Tokens, load_tokens, ssl_context
 from service.settings import Settings
+from service.shm import SharedMemory
 from service.state import ServerState
 from service.workers import STATS_DIR, SharedStats, supervise
 
@@ -103,7 +104,8 @@ async def serve(s: Settings) -> int:
     state = ServerState(registry, strict=s.strict_readiness, explicit_control=s.explicit_control)
     state.listeners.append(grpc_health(health_servicer))
     shared = SharedStats(registry) if os.environ.get(STATS_DIR) else None
-    dataplane = DataPlane(registry, state, s.max_inflight, s.access_log, s.max_elements, shared)
+    dataplane = DataPlane(registry, state, s.max_inflight, s.access_log, s.max_elements, shared,
+                          SharedMemory(s.allow_shared_memory))
     add_to_server(Servicer(dataplane, metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

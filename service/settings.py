@@ -53,6 +53,9 @@ class Settings:
     tls_cert: str = opt("", "PEM certificate chain; enables TLS (gRPC and HTTP)")
     tls_key: str = opt("", "PEM private key for --tls-cert")
     tls_ca: str = opt("", "PEM CA bundle; clients must present a certificate it signed (mutual TLS)")
+    allow_shared_memory: bool = opt(False, "let clients register system shared memory regions (POSIX shm objects "
+                                    "on this host) that inputs are read from and outputs written into; off: the "
+                                    "shared memory calls answer UNAVAILABLE")
 
     @property
     def explicit_control(self) -> bool:
@@ -103,6 +106,9 @@ def parse(argv: list[str]) -> Settings:
         p.error("--workers > 1 cannot be combined with --model-control-mode explicit: a load or unload call reaches "
                 "only the one worker that answers it, so workers would serve different models; use one worker, or "
                 "poll mode (every worker rescans the repository)")
+    if args.workers > 1 and args.allow_shared_memory:
+        p.error("--workers > 1 cannot be combined with --allow-shared-memory: a region registered with one worker "
+                "is unknown to the others, so a request would fail on whichever worker answers it")
     return Settings(**vars(args))
 
 

@@ -194,7 +194,7 @@ def test_unknown_model_in_other_rpcs(stub):
 
 def test_unimplemented_triton_rpcs_answer_unimplemented(server):
     with server.channel() as ch:
-        call = ch.unary_unary("/inference.GRPCInferenceService/SystemSharedMemoryStatus",
+        call = ch.unary_unary("/inference.GRPCInferenceService/TraceSetting",  # shared memory is test_shm's
                               request_serializer=lambda b: b, response_deserializer=lambda b: b)
         with pytest.raises(grpc.RpcError) as err:
             call(b"")
