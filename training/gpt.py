@@ -46,7 +46,8 @@ class CausalSelfAttention(nn.Module):
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, c = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        return tuple(z.reshape(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, nh, T, hs)
+        return tuple(z.reshape(b, t, self.n_head, c // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+                     for z in (q, k, v))
 
     def _merge(self, y: torch.Tensor) -> torch.Tensor:
         b, _, t, _ = y.shape
