@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -243,6 +244,12 @@ def run_gpt(spec: dict[str, Any], opts: Any, log: Log = print) -> dict[str, Any]
     job, t = spec["job"], spec["train"]
     if spec["train"]["device"] != "cpu":
         raise SpecError(f"train.device = {t['device']!r}: {job} trains on the CPU only; expected 'cpu'")
+    unsupported = [flag for flag, used in (("--data", opts.data), ("--resume", opts.resume),
+                                           ("--quantize", opts.quantize)) if used]
+    if unsupported or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SpecError(f"{job} does not take {', '.join(unsupported) or '--nproc'} (it trains one process on its "
+                        "shipped corpus, without checkpoints); expected `deepserve train text_gpt [--epochs N] "
+                        "[--seed S] [--set KEY=VALUE] [--config FILE]`")
     if t["threads"] > 0:
         torch.set_num_threads(t["threads"])
     corpus = load_corpus(spec["data"])
