@@ -86,6 +86,10 @@ def run_job(job: str, opts: Options, log: Log = print) -> dict[str, Any]:
     began = time.perf_counter()
     flags = {"train.epochs": opts.epochs, "train.seed": opts.seed, "train.device": opts.device}
     spec = resolve(job, opts.config, opts.sets, flags)
+    if spec["task"] == "generate":  # a language model: its own data, steps, metrics and export (training.gpt_job)
+        from training.gpt_job import run_gpt
+
+        return run_gpt(spec, opts, log)
     if opts.quantize not in (None, "int8"):
         raise SpecError(f"--quantize {opts.quantize}: expected int8")
     dist = _dist()

@@ -55,10 +55,13 @@ class ModelSpec:
     outputs: list[Tensor]
     parameters: dict[str, str] = field(default_factory=dict)
     state: list[Tensor] = field(default_factory=list)  # (h_in, h_out) pairs flattened: implicit sequence state
+    text: str = ""  # a whole config.pbtxt, for a model the fields above cannot describe (a generation model)
 
 
 def config_text(spec: ModelSpec) -> str:
     """Triton ModelConfig text, built as a protobuf message so it always parses where Triton's does."""
+    if spec.text:
+        return spec.text
     cfg = mc.ModelConfig(name=spec.name, platform="onnxruntime_onnx", max_batch_size=MAX_BATCH_SIZE)
     for t in spec.inputs:
         cfg.input.add(name=t.name, data_type=DTYPES[t.dtype], dims=t.dims)

@@ -18,9 +18,9 @@ JOBS_DIR = Path(__file__).parent / "jobs"
 
 # Keys whose value must be one of a fixed set: checked here so a typo fails before any data is loaded.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "task": ("classify", "autoencode"),
+    "task": ("classify", "autoencode", "generate"),
     "data.source": ("digits", "mnist1d", "chatterbot", "npz", "textdir"),
-    "model.arch": ("cnn", "rnn", "transformer", "autoencoder"),
+    "model.arch": ("cnn", "rnn", "transformer", "autoencoder", "gpt"),
     "model.activation": ("relu", "gelu", "tanh", "sigmoid"),
     "model.cell": ("gru", "lstm"),
     "train.optimizer": ("sgd", "adam", "adamw", "rmsprop"),
