@@ -9,8 +9,9 @@ USAGE = """usage: deepserve COMMAND [ARGS]
 
 commands:
   train    train, export, check and publish a model (needs the `train` extra)
-  serve    serve a model repository over gRPC (Open Inference Protocol)
+  serve    serve a model repository over gRPC and HTTP/REST (Open Inference Protocol)
   infer    send a request to a running server and print the outputs
+  generate stream a generation model's text to the terminal
   health   gRPC health check of a running server (exit 0 when serving)
   bench    benchmark the server against its transport and compute ceilings
 
@@ -20,6 +21,7 @@ COMMANDS = {
     "train": "training.cli",
     "serve": "service.server",
     "infer": "service.client",
+    "generate": "service.client",
     "health": "service.client",
     "bench": "bench.harness",
 }

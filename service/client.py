@@ -132,3 +132,39 @@ def health_main(argv: list[str]) -> int:
         client.close()
     print(status)
     return 0 if ok else 1
+
+
+def generate_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="deepserve generate", description="Stream a generation model's text to the "
+                                "terminal (HTTP generate_stream, or gRPC ModelStreamInfer for a gRPC URL).")
+    p.add_argument("model")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--version", default="")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="http(s)://host:port, or a gRPC host:port")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="end the text before this string (repeatable)")
+    p.add_argument("--token", default="")
+    p.add_argument("--tls-ca", default="")
+    p.add_argument("--timeout", type=float, default=120.0)
+    args = p.parse_args(argv)
+    params = {k: v for k, v in {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
+                                "top_p": args.top_p, "seed": args.seed}.items() if v is not None}
+    if args.stop:
+        params["stop"] = args.stop if len(args.stop) > 1 else args.stop[0]
+    client = connect(args.url, args.token, args.tls_ca, args.timeout)
+    try:
+        sys.stdout.write(args.prompt)
+        for chunk in client.generate(args.model, args.version, args.prompt, params):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except RequestFailed as exc:
+        print(f"\ndeepserve generate: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    return 0

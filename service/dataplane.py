@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import numpy as np
 
-from service import __version__
+from service import __version__, decoupled
 from service._proto import model_config_pb2
 from service.config import parse_json
 from service.errors import InvalidArgument, ModelLoadError, NotFound, Unavailable, Unimplemented, kind_of
@@ -162,16 +163,28 @@ class DataPlane:
         """Nothing is ever registered: a no-op, as system shared memory's unregister of an unknown name."""
 
     # --- inference ----------------------------------------------------------------------------------------------
+    def admit(self) -> None:
+        """Admission, for every request that runs a model (inflight is already counted)."""
+        if self.state.draining:
+            raise Unavailable("the server is shutting down")
+        if self.max_inflight and self.inflight > self.max_inflight:
+            raise Unavailable(f"server busy: {self.inflight - 1} requests in flight (--max-inflight); retry later")
+
+    def generate(self, model: str, version: str, text: str | bytes, params: dict, request_id: str = ""
+                 ) -> AsyncIterator[str]:
+        """Text chunks of one generation (Triton's generate extension), for both front ends."""
+        return decoupled.generate(self, model, version, text, params, request_id)
+
+    def stream_infer(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+        """ModelStreamInfer: one response for a plain model, N for a decoupled one (service.decoupled)."""
+        return decoupled.stream_infer(self, request)
+
     async def infer(self, request: InferRequest) -> InferResponse:
         self.inflight += 1
         code, version = "OK", request.version
         t0 = time.perf_counter_ns()
         try:
-            if self.state.draining:
-                raise Unavailable("the server is shutting down")
-            if self.max_inflight and self.inflight > self.max_inflight:
-                raise Unavailable(f"server busy: {self.inflight - 1} requests in flight (--max-inflight); retry "
-                                  "later")
+            self.admit()
             response = await self._infer(request, t0)
             version = response.version  # the version that served it, also when the request named none
             return response
@@ -190,6 +203,10 @@ class DataPlane:
 
     async def _infer(self, request: InferRequest, t0: int) -> InferResponse:
         mv = self.registry.lookup(request.model, request.version)
+        if mv.generator is not None:
+            raise Unimplemented(f"model {mv.name!r} is decoupled (generation): ModelInfer and /infer do not support "
+                                "models with a decoupled transaction policy, as in Triton; use ModelStreamInfer or "
+                                f"/v2/models/{mv.name}/generate(_stream)")
         rec = mv.recorder
         rec.pending.inc()
         lease = self.shm.lease() if _uses_shm(request) else None

@@ -89,8 +89,10 @@ class Generator:
 
     def __init__(self, name: str, config: model_config_pb2.ModelConfig, instance: Runner,
                  on_first_token: Callable[[float], None] | None = None,
-                 on_inter_token: Callable[[float], None] | None = None) -> None:
+                 on_inter_token: Callable[[float], None] | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> None:
         self.name, self.instance = name, instance
+        self.on_step = on_step  # (batch size, run ns) after each prefill or decode run, on the event loop
         self.spec = DecodeSpec.from_config(config)
         self.on_first_token, self.on_inter_token = on_first_token, on_inter_token
         self.tokens_generated = 0
@@ -211,7 +213,11 @@ class Generator:
             await asyncio.sleep(0)  # let consumers take their chunks and cancellations land between steps
 
     async def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.instance.run, feeds)
+        t0 = time.perf_counter_ns()
+        out = await asyncio.get_running_loop().run_in_executor(self._pool, self.instance.run, feeds)
+        if self.on_step:
+            self.on_step(len(next(iter(feeds.values()))), time.perf_counter_ns() - t0)
+        return out
 
     async def _prefill(self, batch: list[Generation]) -> None:
         s = self.spec

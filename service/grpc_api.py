@@ -135,15 +135,24 @@ def to_request(msg: pb.ModelInferRequest) -> InferRequest:
     return InferRequest(msg.model_name, msg.model_version, msg.id, inputs, outputs, parameters(msg.parameters))
 
 
+def set_parameters(target, params: dict) -> None:
+    """Plain values -> an InferParameter map."""
+    for key, value in params.items():
+        field = "bool_param" if isinstance(value, bool) else "int64_param" if isinstance(value, int) else \
+            "double_param" if isinstance(value, float) else "string_param"
+        setattr(target[key], field, value)
+
+
 def from_response(response: InferResponse) -> pb.ModelInferResponse:
     msg = pb.ModelInferResponse(model_name=response.model, model_version=response.version, id=response.id)
+    if response.parameters:
+        set_parameters(msg.parameters, response.parameters)
     for out in response.outputs:
         tensor = msg.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
         if REGION in out.parameters:
             # written to shared memory: an empty raw entry, as Triton sends, since clients pair outputs[i] with
             # raw_output_contents[i] (perf_analyzer's C++ client reads that entry unchecked and crashes without it)
-            for key, value in out.parameters.items():
-                setattr(tensor.parameters[key], "string_param" if isinstance(value, str) else "int64_param", value)
+            set_parameters(tensor.parameters, out.parameters)
             msg.raw_output_contents.append(b"")
             continue
         msg.raw_output_contents.append(to_raw(out.data, BY_WIRE[out.datatype]))
@@ -194,21 +203,21 @@ class Servicer:
 
         async def one(request: pb.ModelInferRequest) -> None:
             t0 = time.perf_counter()
+            code = "OK"
             try:
                 if type(request) is BadMessage:
                     raise InvalidArgument(request.error)
-                response = await self.dataplane.infer(to_request(request))
-                reply = pb.ModelStreamInferResponse(infer_response=from_response(response))
-                code = "OK"
+                async for response in self.dataplane.stream_infer(to_request(request)):
+                    await replies.put(pb.ModelStreamInferResponse(infer_response=from_response(response)))
             except Exception as exc:
                 status, message = failure("ModelStreamInfer", request, exc)
                 code = status.name
                 reply = pb.ModelStreamInferResponse(error_message=f"{code}: {message}")
                 reply.infer_response.id = request.id
+                await replies.put(reply)
             # per request, as unary calls count
             (self._stream_ok if code == "OK" else self.metrics.grpc_requests.labels("ModelStreamInfer", code)).inc()
             self._stream_s.observe(time.perf_counter() - t0)
-            await replies.put(reply)
 
         async def pump() -> None:
             async for request in requests:

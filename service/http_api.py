@@ -13,7 +13,7 @@ import binascii
 import logging
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import orjson
@@ -54,6 +54,7 @@ class Reply:
     body: bytes = b""
     content_type: str = JSON
     headers: dict[str, str] = field(default_factory=dict)
+    stream: AsyncIterator[bytes] | None = None  # server-sent events: sent after `body`, chunk by chunk
 
 
 def json_reply(doc, status: int = 200) -> Reply:
@@ -198,6 +199,54 @@ class HttpApi:
         return Reply(200, body, "application/octet-stream",
                      {"inference-header-content-length": str(header_length)})
 
+    # --- generation (Triton's generate extension) -------------------------------------------------------------
+    def _generation(self, req: Request) -> AsyncIterator[str]:
+        name = req.params["model"]
+        doc = _body_json(req, f"model {name!r} generate", allow_empty=False)
+        extra = sorted(set(doc) - {"text_input", "parameters", "id"})
+        if extra:
+            raise InvalidArgument(f"model {name!r} generate: unknown field{'s' * (len(extra) > 1)} {extra}; the body "
+                                  "is {\"text_input\": \"...\", \"parameters\": {...}}")
+        text = doc.get("text_input")
+        if not isinstance(text, str):
+            raise InvalidArgument(f"model {name!r} generate: 'text_input' must be a string")
+        params = doc.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidArgument(f"model {name!r} generate: 'parameters' must be a JSON object")
+        return self.dataplane.generate(name, req.params.get("version", ""), text, params)
+
+    def _event_head(self, req: Request) -> dict:
+        mv = self.dataplane.registry.lookup(req.params["model"], req.params.get("version", ""))
+        return {"model_name": mv.name, "model_version": mv.version_str}
+
+    async def generate(self, req: Request) -> Reply:
+        chunks = [c async for c in self._generation(req)]
+        return json_reply({**self._event_head(req), "text_output": "".join(chunks)})
+
+    async def generate_stream(self, req: Request) -> Reply:
+        """Server-sent events, one `data: {...}` per chunk. Errors before the first chunk answer a status as any
+        request does; an error after it is sent as an event, `data: {"error": ...}`. A closed connection stops
+        the generation (http_server cancels the stream), which frees its slot at once."""
+        chunks = self._generation(req)
+        head = self._event_head(req)
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            first = None
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in chunks:
+                    yield b"data: " + orjson.dumps({**head, "text_output": chunk}) + b"\n\n"
+            except Exception as exc:
+                _, message = describe(exc, "generate_stream")
+                yield b"data: " + orjson.dumps({"error": message}) + b"\n\n"
+            finally:
+                await chunks.aclose()
+
+        body = b"" if first is None else b"data: " + orjson.dumps({**head, "text_output": first}) + b"\n\n"
+        return Reply(200, body, "text/event-stream", {"cache-control": "no-cache"}, events())
+
     # --- repository ---------------------------------------------------------------------------------------------
     async def repository_index(self, req: Request) -> Reply:
         doc = _body_json(req, "repository index")
@@ -317,6 +366,9 @@ for prefix, suffix in ((_M, ""), (_V, "_version")):
         Route("GET", prefix + "/config", "model_config" + suffix, "Model configuration", HttpApi.model_config),
         Route("GET", prefix + "/stats", "model_statistics" + suffix, "Model statistics", HttpApi.statistics),
         Route("POST", prefix + "/infer", "infer" + suffix, "Inference", HttpApi.infer),
+        Route("POST", prefix + "/generate", "generate" + suffix, "Generate text (one reply)", HttpApi.generate),
+        Route("POST", prefix + "/generate_stream", "generate_stream" + suffix, "Generate text, streamed as "
+              "server-sent events", HttpApi.generate_stream),
     ]
 # Triton extensions not implemented here: a clear 501 rather than a 404.
 UNIMPLEMENTED_PREFIXES = ("/v2/trace", "/v2/logging")

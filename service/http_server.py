@@ -88,7 +88,10 @@ class App:
             more = message.get("more_body", False)
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         reply = await self.api.dispatch(r, Request(scope["method"], scope["path"], params, headers, body))
-        await _send(send, reply)
+        if reply.stream is None:
+            await _send(send, reply)
+        else:
+            await _send_stream(send, receive, reply)
 
 
 def _too_large(limit: int) -> Reply:
@@ -101,6 +104,36 @@ async def _send(send, reply: Reply) -> None:
     headers += [(k.encode(), v.encode()) for k, v in reply.headers.items()]
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     await send({"type": "http.response.body", "body": reply.body})
+
+
+async def _send_stream(send, receive, reply: Reply) -> None:
+    """A streamed reply (server-sent events). uvicorn's send() goes quiet once the client has gone, so a watcher
+    on receive() stops the stream (and with it the generation behind it) when the connection closes."""
+    headers = [(b"content-type", reply.content_type.encode())]
+    headers += [(k.encode(), v.encode()) for k, v in reply.headers.items()]
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+
+    async def pump() -> None:
+        if reply.body:
+            await send({"type": "http.response.body", "body": reply.body, "more_body": True})
+        async for chunk in reply.stream:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    pumping = asyncio.ensure_future(pump())
+    watching = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (pumping, watching):
+            task.cancel()
+        await asyncio.gather(pumping, watching, return_exceptions=True)
+        await reply.stream.aclose()
+    if pumping.done() and not pumping.cancelled() and pumping.exception() is None:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class HttpFrontEnd:

@@ -15,6 +15,7 @@ from service._proto import model_config_pb2
 from service.batcher import Batcher
 from service.config import complete, read_labels, specs
 from service.errors import ModelLoadError
+from service.generation import Generator
 from service.metrics import Metrics
 from service.runtime import Instance, placement, runs_fast, session_options
 from service.sequences import Sequences
@@ -40,6 +41,11 @@ class ModelVersion:
     batcher: Batcher | None = None
     sequences: Sequences | None = None
     text: TextInput | None = None
+    generator: Generator | None = None  # decoupled generation models: the decode loop (service.generation)
+
+    @property
+    def decoupled(self) -> bool:
+        return self.config.model_transaction_policy.decoupled
 
     @property
     def version_str(self) -> str:
@@ -81,6 +87,12 @@ def load_version(model_dir: Path, version: int, config: model_config_pb2.ModelCo
     text = TextInput(config, inputs) if "text_input" in config.parameters else None
     mv = ModelVersion(name, version, config, inputs, outputs, labels, instances, providers, recorder,
                       sequences=sequences, text=text)
+    if mv.decoupled:
+        if "generation_ids_input" not in config.parameters:
+            raise ModelLoadError("model_transaction_policy { decoupled: true } is served for generation models: "
+                                 "declare the decode loop in the config parameters (see service/generation.py)")
+        mv.generator = Generator(name, config, instances[0], recorder.first_token, recorder.next_token,
+                                 lambda rows, ns: recorder.executed(rows, rows, 0, ns, 0))
     mv.metadata = _metadata(mv)
     metrics.load_duration.labels(name, str(version)).set(time.perf_counter() - t0)
     log.info("model %s version %d loaded in %.2fs on %s (%d instance%s, %d intra-op threads each)", name, version,

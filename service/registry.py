@@ -164,6 +164,8 @@ class Registry:
                 result.failures.append(self._failed(model, v, f"unexpected: {exc}"))
                 continue
             mv.batcher.start()
+            if mv.generator:
+                mv.generator.start()
             if mv.sequences:
                 mv.sequences.start(mv.batcher)
             new[v] = mv
@@ -231,6 +233,8 @@ class Registry:
                 await mv.sequences.retire()
             if mv.batcher:
                 await mv.batcher.stop()
+            if mv.generator:
+                await mv.generator.stop()
             info = (mv.name, mv.version_str, mv.config.platform, mv.providers[0])
             self.metrics.model_info.labels(*info).set(0)  # multiprocess mode keeps removed series: zero it first
             self.metrics.model_info.remove(*info)

@@ -47,6 +47,22 @@ class Recorder:
         self._compute_s = m.compute_duration.labels(*lv)
         self._batch = m.batch_size.labels(*lv)
         self.pending = m.pending.labels(*lv)
+        self._tokens = m.generated_tokens.labels(*lv)
+        self._first_token_s = m.time_to_first_token.labels(*lv)
+        self._inter_token_s = m.inter_token_latency.labels(*lv)
+
+    def first_token(self, seconds: float) -> None:
+        """Generation: a request's first token (TTFT) is also one inference of one token."""
+        self.inference_count += 1
+        self._tokens.inc()
+        self._inferences.inc()
+        self._first_token_s.observe(seconds)
+
+    def next_token(self, seconds: float) -> None:
+        self.inference_count += 1
+        self._tokens.inc()
+        self._inferences.inc()
+        self._inter_token_s.observe(seconds)
 
     def request_ok(self, duration_ns: int, samples: int) -> None:
         self.success.add(duration_ns)

@@ -8,6 +8,7 @@ import http.client
 import json
 import ssl
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,10 @@ class Transport:
         raise NotImplementedError
 
     def health(self, service: str = "") -> tuple[str, bool]:
+        raise NotImplementedError
+
+    def generate(self, model: str, version: str, prompt: str, params: dict) -> Iterator[str]:
+        """Text chunks as the server streams them."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -109,6 +114,25 @@ class GrpcTransport(Transport):
             raise RequestFailed(f"{exc.code().name}: {exc.details()}") from None
         return (health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status),
                 reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def generate(self, model, version, prompt, params):
+        from service._proto import inference_pb2 as pb
+        from service.grpc_api import set_parameters
+
+        req = pb.ModelInferRequest(model_name=model, model_version=version)
+        req.inputs.add(name="text_input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(prompt.encode())
+        set_parameters(req.parameters, params)
+        try:
+            for reply in self.stub.ModelStreamInfer(iter([req]), timeout=self.timeout, metadata=self.meta):
+                if reply.error_message:
+                    raise RequestFailed(reply.error_message)
+                r = reply.infer_response
+                for t, raw in zip(r.outputs, r.raw_output_contents, strict=True):
+                    yield _decode(t.datatype, list(t.shape), raw, t.name)[0].decode("utf-8", "replace")
+                if r.parameters["triton_final_response"].bool_param:
+                    return
+        except self.grpc.RpcError as exc:
+            raise RequestFailed(f"{exc.code().name}: {exc.details()}") from None
 
     def close(self) -> None:
         self.channel.close()
@@ -179,6 +203,23 @@ class HttpTransport(Transport):
         if status in (401, 404, 500, 503):
             raise RequestFailed(f"HTTP {status}: {_error(body)}")
         return ("SERVING" if status == 200 else "NOT_SERVING"), status == 200
+
+    def generate(self, model, version, prompt, params):
+        body = json.dumps({"text_input": prompt, "parameters": params}).encode()
+        try:
+            self.conn.request("POST", _model_path(model, version) + "/generate_stream", body=body,
+                              headers={**self.headers, "Content-Type": "application/json"})
+            r = self.conn.getresponse()
+            if r.status != 200:
+                raise RequestFailed(f"HTTP {r.status}: {_error(r.read())}")
+            for line in r:
+                if line.startswith(b"data: "):
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        raise RequestFailed(event["error"])
+                    yield event["text_output"]
+        except OSError as exc:
+            raise RequestFailed(f"UNAVAILABLE: {exc}") from None
 
     def close(self) -> None:
         self.conn.close()

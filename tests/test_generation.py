@@ -11,6 +11,8 @@ import pytest
 
 pytest.importorskip("torch")
 
+from gpt_support import publish_tiny_gpt, reference  # noqa: E402
+
 from service.errors import InvalidArgument, Unavailable  # noqa: E402
 from service.generation import Finished, Generator  # noqa: E402
 
@@ -23,29 +25,7 @@ PROMPTS = ["Hello", "What is your name?\n", "Tell me a joke.\n", "Do you", "I", 
 @pytest.fixture(scope="session")
 def published(tmp_path_factory):
     """(model folder, torch model): version 1 of a tiny text_gpt published into a temp repository."""
-    import torch
-
-    from training.gpt import GPT, GPTConfig
-    from training.gpt_export import export_decoder, parity
-    from training.gpt_job import generation_config, load_corpus, train
-    from training.spec import resolve
-
-    spec = resolve("text_gpt")
-    corpus = load_corpus(spec["data"])
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    model = GPT(GPTConfig(block_size=CONTEXT, n_layer=2, n_head=2, n_embd=48, dropout=0.0))
-    t = {"seed": 0, "lr": 3e-3, "weight_decay": 0.0, "epochs": 1, "steps_per_epoch": 60, "batch_size": 16,
-         "warmup_steps": 5, "min_lr_fraction": 0.1, "clip_norm": 1.0}
-    train(model, corpus, t, lambda line: None)
-    model.eval()
-    folder = tmp_path_factory.mktemp("gen") / "models" / "tiny_gpt"
-    (folder / "1").mkdir(parents=True)
-    export_decoder(model, folder / "1" / "model.onnx")
-    assert parity(model, folder / "1" / "model.onnx", 1e-4)["passed"]
-    serve = {"max_generations": 16, "max_queue": 4, "default_max_tokens": 24}
-    (folder / "config.pbtxt").write_text(generation_config("tiny_gpt", model.config, serve))
-    return folder, model
+    return publish_tiny_gpt(tmp_path_factory.mktemp("gen") / "models", CONTEXT)
 
 
 @pytest.fixture(scope="session")
@@ -90,22 +70,6 @@ def run(coro_fn, engine: Generator):
         finally:
             await engine.stop()
     return asyncio.run(main())
-
-
-def reference(model, prompt: str, max_tokens: int) -> tuple[str, int, str]:
-    """The torch model's own greedy decode: text, tokens generated, why it stopped."""
-    from training.gpt import greedy
-    from training.gpt_job import END, decode, encode
-
-    ids = [END, *encode(prompt)]
-    out = greedy(model, ids, max_tokens, END)
-    if out and out[-1] == END:
-        reason = "end_token"
-    elif len(out) == max_tokens:
-        reason = "max_tokens"
-    else:
-        reason = "context_length"
-    return decode([t for t in out if t != END]), len(out), reason
 
 
 def test_greedy_equals_the_torch_decode(published, loaded):
