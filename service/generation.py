@@ -107,6 +107,10 @@ class Generator:
         self._pool: ThreadPoolExecutor | None = None
 
     def start(self) -> None:
+        """On the event loop that will serve the generations (the loader runs in a worker thread: start it there
+        once the version is ready)."""
+        if self._task is not None:
+            return
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"generate-{self.name}")
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"generate-{self.name}")
 

@@ -271,8 +271,9 @@ def run_gpt(spec: dict[str, Any], opts: Any, log: Log = print) -> dict[str, Any]
             "ngram_val_bits_per_byte_by_order": by_order, "reduction_vs_ngram": 1 - test_bpb / base_bpb,
             "val_bits_per_byte": min(r["val_bits_per_byte"] for r in history), "tokens": ngram_count,
             "documents": len(corpus.test)}
+    change = test["reduction_vs_ngram"]
     log(f"{job}: test bits/byte {test_bpb:.4f} vs n-gram (order {ngram.order}) {base_bpb:.4f}: "
-        f"{100 * test['reduction_vs_ngram']:.1f}% lower")
+        f"{100 * abs(change):.1f}% {'lower' if change >= 0 else 'higher'}")
     samples = continuations(model)
     trained = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"deepserve-{job}-") as tmp:
