@@ -40,6 +40,7 @@ class ModelVersion:
     batcher: Batcher | None = None
     sequences: Sequences | None = None
     text: TextInput | None = None
+    active: int = 0  # requests in flight or queued here, kept by the data plane: a busy version is never evicted
 
     @property
     def version_str(self) -> str:
