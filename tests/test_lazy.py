@@ -3,10 +3,12 @@ against a real server process with real gRPC clients."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -20,9 +22,8 @@ from service._proto import inference_pb2 as pb
 from service._proto import inference_pb2_grpc
 
 X = np.ones((1, 4), np.float32)
-# gRPC clients only: these tests need no HTTP front end (and run on branches that have none yet).
-LAZY = ("--http-port", "0", "--model-control-mode", "lazy")
-EXPLICIT = ("--http-port", "0", "--model-control-mode", "explicit")
+LAZY = ("--model-control-mode", "lazy")
+EXPLICIT = ("--model-control-mode", "explicit")
 
 
 def _stub(server: Server) -> inference_pb2_grpc.GRPCInferenceServiceStub:
@@ -220,6 +221,12 @@ def test_a_busy_model_is_never_evicted(tmp_path):
         stub.ModelInfer(request("fast", x=X, y=X), timeout=60)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert err.value.details() == "cannot load 'fast': 1 model loaded (--max-loaded-models 1), all busy"
+    body = json.dumps({"inputs": [{"name": n, "datatype": "FP32", "shape": [1, 4], "data": [1, 1, 1, 1]}
+                                  for n in ("x", "y")]}).encode()
+    with pytest.raises(urllib.error.HTTPError) as http_err:  # the same answer over HTTP: 503 with the reason
+        urllib.request.urlopen(urllib.request.Request(f"{server.http_url}/v2/models/fast/infer", body), timeout=60)
+    assert http_err.value.code == 503
+    assert json.loads(http_err.value.read()) == {"error": err.value.details()}
     assert _index(stub) == {"fast": ("UNAVAILABLE", err.value.details()), "slow": ("READY", "")}
     assert [float(outputs(f.result())["y"][0, 0]) for f in queued] == [1.0] * 4
     assert _sum(stub, "fast") == 2.0  # slow is idle now: it makes room
