@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +68,7 @@ class Registry:
         self.residency = Residency(self, metrics, max_models, max_bytes)
         self._locks: dict[str, asyncio.Lock] = {}
         self._on_demand: dict[str, asyncio.Task] = {}  # model -> the one lazy load its waiting requests share
+        self.on_change: Callable[[], None] = lambda: None  # ServerState.changed: health follows lazy loads
 
     # --- the request path -------------------------------------------------------------------------------------
     def lookup(self, name: str, version: str = "") -> ModelVersion:
@@ -153,6 +155,7 @@ class Registry:
             return str(exc)
         finally:
             self._on_demand.pop(name, None)  # at once: the next request after a failure starts a new load
+            self.on_change()  # once per load (and the evictions it made), not once per waiting request
 
     # --- control ------------------------------------------------------------------------------------------------
     def names_on_disk(self) -> list[str]:

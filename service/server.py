@@ -107,6 +107,7 @@ async def serve(s: Settings) -> int:
     state = ServerState(registry, strict=s.strict_readiness and not registry.lazy,
                         explicit_control=s.explicit_control)
     state.listeners.append(grpc_health(health_servicer))
+    registry.on_change = state.changed
     shared = SharedStats(registry) if os.environ.get(STATS_DIR) else None
     dataplane = DataPlane(registry, state, s.max_inflight, s.access_log, s.max_elements, shared)
     add_to_server(Servicer(dataplane, metrics), server)

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper
 from support import ROOT, Server, add_sub_model, outputs, publish, request, save, slow_model
 
@@ -22,6 +23,7 @@ from service._proto import inference_pb2 as pb
 from service._proto import inference_pb2_grpc
 
 X = np.ones((1, 4), np.float32)
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 LAZY = ("--model-control-mode", "lazy")
 EXPLICIT = ("--model-control-mode", "explicit")
 
@@ -134,6 +136,9 @@ def test_the_least_recently_used_idle_model_is_the_one_that_goes(tmp_path):
     index = _index(stub)
     assert _ready(stub) == ["a", "c", "d"] and index["b"] == ("UNAVAILABLE", "unloaded: least recently used")
     assert _metric(server, "deepserve_model_evictions_total", "b") == 1.0
+    health = health_pb2_grpc.HealthStub(server.channel())  # per-model health follows lazy loads and evictions
+    _wait(lambda: [health.Check(health_pb2.HealthCheckRequest(service=n)).status for n in "abcd"] ==
+          [SERVING, NOT_SERVING, SERVING, SERVING], what="health to follow the eviction")
     # An evicted model is not ready; metadata says it is not loaded and does not load it (no side effects).
     assert not stub.ModelReady(pb.ModelReadyRequest(name="b")).ready
     with pytest.raises(grpc.RpcError) as err:
