@@ -134,7 +134,7 @@ class Registry:
         waiting = self.residency.waiting
         waiting[name] = waiting.get(name, 0) + 1
         try:
-            error = await asyncio.wait_for(asyncio.shield(task), timeout_us / 1e6 if timeout_us else None)
+            failure = await asyncio.wait_for(asyncio.shield(task), timeout_us / 1e6 if timeout_us else None)
         except TimeoutError:
             raise Unavailable(f"model {name!r} is still loading after the request's timeout of {timeout_us} us; "
                               "retry") from None
@@ -142,17 +142,18 @@ class Registry:
             left = waiting.pop(name) - 1
             if left:
                 waiting[name] = left
-        if error is not None:
-            raise Unavailable(error)
+        if failure is not None:
+            kind, message = failure
+            raise kind(message)  # a fresh exception per waiting request
 
-    async def _load_on_demand(self, name: str) -> str | None:
+    async def _load_on_demand(self, name: str) -> tuple[type[NotFound | Unavailable], str] | None:
         """One lazy load: None when something serves, else why not (returned, not raised, so that a load whose
         waiters all gave up leaves no unretrieved exception behind)."""
         try:
             result = await self.load(name)
-            return result.error() if result.failures and not result.model.ready else None
+            return (Unavailable, result.error()) if result.failures and not result.model.ready else None
         except (NotFound, Unavailable) as exc:  # the folder went away; no room to load it
-            return str(exc)
+            return type(exc), str(exc)
         finally:
             self._on_demand.pop(name, None)  # at once: the next request after a failure starts a new load
             self.on_change()  # once per load (and the evictions it made), not once per waiting request

@@ -17,7 +17,18 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper
-from support import ROOT, Server, add_sub_model, outputs, publish, request, save, slow_model
+from support import (
+    ROOT,
+    SEQUENCE_CONFIG,
+    Server,
+    add_sub_model,
+    outputs,
+    publish,
+    request,
+    rnn_cell_model,
+    save,
+    slow_model,
+)
 
 from service._proto import inference_pb2 as pb
 from service._proto import inference_pb2_grpc
@@ -162,7 +173,13 @@ def test_concurrent_first_requests_share_one_load(tmp_path):
     server = Server(repo, *LAZY)
     stub = _stub(server)
     one = request("slow", x=np.ones((1, 1), np.float32))
+    impatient = request("slow", x=np.ones((1, 1), np.float32))
+    impatient.parameters["timeout"].int64_param = 1000  # 1 ms: less than the load (its warmup alone takes longer)
     futures = [stub.ModelInfer.future(one, timeout=120) for _ in range(8)]  # all sent while the warmup runs
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(impatient, timeout=120)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert err.value.details() == "model 'slow' is still loading after the request's timeout of 1000 us; retry"
     assert [float(outputs(f.result())["y"][0, 0]) for f in futures] == [1.0] * 8
     assert _metric(server, "deepserve_model_loads_total", "slow") == 1.0
     assert server.log().count("model slow version 1 loaded in") == 1
@@ -238,6 +255,32 @@ def test_a_busy_model_is_never_evicted(tmp_path):
     assert _index(stub) == {"fast": ("READY", ""), "slow": ("UNAVAILABLE", "unloaded: least recently used")}
     assert _metric(server, "deepserve_model_evictions_total", "slow") == 1.0
     assert _metric(server, "deepserve_model_evictions_total", "fast") == 0.0
+    assert server.stop() == 0
+
+
+def test_a_model_with_a_live_sequence_is_never_evicted(tmp_path):
+    repo = tmp_path / "models"
+    model, _ = rnn_cell_model()
+    save(model, repo, "cell", config=SEQUENCE_CONFIG % (60_000_000, 8))  # idle sequences live a minute
+    save(add_sub_model(), repo, "fast")
+    server = Server(repo, *LAZY, "--max-loaded-models", "1")
+    stub = _stub(server)
+
+    def step(start: bool, end: bool):
+        req = request("cell", x_t=np.ones((1, 1), np.float32))
+        req.parameters["sequence_id"].uint64_param = 7
+        req.parameters["sequence_start"].bool_param = start
+        req.parameters["sequence_end"].bool_param = end
+        return stub.ModelInfer(req, timeout=60)
+
+    step(True, False)  # sequence 7 is live, and no request is in flight
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(request("fast", x=X, y=X), timeout=60)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert err.value.details() == "cannot load 'fast': 1 model loaded (--max-loaded-models 1), all busy"
+    step(False, True)  # the sequence ends: cell is idle
+    assert _sum(stub, "fast") == 2.0
+    assert _index(stub)["cell"] == ("UNAVAILABLE", "unloaded: least recently used")
     assert server.stop() == 0
 
 
