@@ -125,9 +125,9 @@ class Registry:
 
     async def ensure(self, name: str, timeout_us: int = 0) -> None:
         """Wait for `name` to load (lazy mode), within the request's timeout (0: none). Concurrent callers share
-        one load; a failed load raises Unavailable with its reason in every one of them, and the next request
-        after it tries again (nothing retries on its own). A waiting request keeps the model from being evicted
-        until it is queued (the caller looks the model up with no await in between)."""
+        one load; a failed load raises UNAVAILABLE (NOT_FOUND: the folder went away) with its reason in every one
+        of them, and the next request after it tries again (nothing retries on its own). A waiting request keeps
+        the model from being evicted until it is queued (the caller looks it up with no await in between)."""
         task = self._on_demand.get(name)
         if task is None:
             task = self._on_demand[name] = asyncio.get_running_loop().create_task(self._load_on_demand(name))
