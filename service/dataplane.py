@@ -6,7 +6,12 @@ Rules: admission (draining, --max-inflight), model lookup and readiness, metadat
 statistics (with the --workers merge), the repository index, load and unload (the explicit-control guard), and
 the inference path itself: check and decode the inputs, queue them on the batcher (or the sequence table), and hand
 back the requested outputs (classification applied). The inference path is per request, so it stays short: dict
-lookups, np.frombuffer views, no copy of a tensor."""
+lookups, np.frombuffer views, no copy of a tensor.
+
+Lazy mode (--model-control-mode lazy) costs a loaded model nothing: only a request whose lookup misses takes the
+path that waits for a load (Registry.ensure). Metadata, config and readiness never load: ModelReady is false until
+a request has loaded the model, and ModelMetadata / ModelConfig answer UNAVAILABLE "not loaded" (as Triton answers
+for a model that is not loaded), so probes and index walkers cannot churn models through --max-loaded-models."""
 
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ class DataPlane:
         self.shared = shared  # --workers: the other workers' statistics
         self.inflight = 0  # accepted and not yet answered; the drain on shutdown waits for 0
         self.shm = shared_memory or SharedMemory(allowed=False)
+        self._touch = registry.residency.touch  # the eviction order, updated per request
 
     # --- health and metadata ------------------------------------------------------------------------------------
     def live(self) -> bool:
@@ -68,12 +74,24 @@ class DataPlane:
         return {"name": "deepserve", "version": __version__, "extensions": extensions}
 
     def model_metadata(self, name: str, version: str = "") -> dict:
-        mv = self.registry.lookup(name, version)
+        mv = self._loaded(name, version)
         versions = [str(v) for v in sorted(self.registry.models[mv.name].ready)]
         return {**mv.metadata, "versions": versions}
 
     def model_config(self, name: str, version: str = "") -> model_config_pb2.ModelConfig:
-        return self.registry.lookup(name, version).config
+        return self._loaded(name, version).config
+
+    def _loaded(self, name: str, version: str) -> ModelVersion:
+        """A serving version, or (lazy mode, nothing of it loaded) UNAVAILABLE saying what would load it."""
+        try:
+            return self.registry.lookup(name, version)
+        except (NotFound, Unavailable):
+            if not self.registry.loads_on_demand(name):
+                raise
+        model = self.registry.models[name]
+        why = f" ({self.registry.reason(model)})" if model.state else ""
+        raise Unavailable(f"model {name!r} is not loaded{why}; --model-control-mode lazy loads it on its next "
+                          "inference request")
 
     def statistics(self, name: str = "", version: str = "") -> list[dict]:
         """Triton's ModelStatistics, one dict per model version, summed over --workers."""
@@ -202,18 +220,29 @@ class DataPlane:
                                          "duration_ms": round((time.perf_counter_ns() - t0) / 1e6, 3)})
 
     async def _infer(self, request: InferRequest, t0: int) -> InferResponse:
-        mv = self.registry.lookup(request.model, request.version)
+        waited_ns = 0
+        try:
+            mv = self.registry.lookup(request.model, request.version)
+        except (NotFound, Unavailable):
+            if not self.registry.loads_on_demand(request.model):
+                raise
+            mv = await self._load_on_demand(request)
+            waited_ns = time.perf_counter_ns() - t0
         if mv.generator is not None:
             raise Unimplemented(f"model {mv.name!r} is decoupled (generation): ModelInfer and /infer do not support "
                                 "models with a decoupled transaction policy, as in Triton; use ModelStreamInfer or "
                                 f"/v2/models/{mv.name}/generate(_stream)")
         rec = mv.recorder
         rec.pending.inc()
+        mv.active += 1  # no await since the lookup: a version about to serve is never seen idle
+        self._touch(mv.name)
         lease = self.shm.lease() if _uses_shm(request) else None
         try:
             feeds, rows = decode_request(request, mv, self.max_elements, lease)
             wanted = requested_outputs(request, mv, lease)
-            timeout_us = _timeout_us(request, mv)
+            timeout_us = _timeout_us(request, mv.name)
+            if timeout_us and waited_ns:  # the wait for a lazy load came out of it
+                timeout_us = max(1, timeout_us - waited_ns // 1000)
             if mv.sequences is None:
                 outputs = await mv.batcher.submit(feeds, rows, timeout_us)
             else:
@@ -227,18 +256,27 @@ class DataPlane:
             raise
         finally:
             rec.pending.dec()
+            mv.active -= 1
             if lease is not None:
                 lease.release()
         rec.request_ok(time.perf_counter_ns() - t0, rows)
         return response
 
+    async def _load_on_demand(self, request: InferRequest) -> ModelVersion:
+        """Lazy mode, the lookup missed: wait for the model's (shared) load within the request's timeout, then
+        look it up again with no await in between, so the caller counts the request before anything can evict
+        what just loaded."""
+        timeout_us = _timeout_us(request, request.model)
+        await self.registry.ensure(request.model, timeout_us)
+        return self.registry.lookup(request.model, request.version)
 
-def _timeout_us(request: InferRequest, mv: ModelVersion) -> int:
+
+def _timeout_us(request: InferRequest, model: str) -> int:
     if "timeout" not in request.parameters:
         return 0
-    value = parameter_int(request.parameters, "timeout", f"model {mv.name!r}")
+    value = parameter_int(request.parameters, "timeout", f"model {model!r}")
     if value < 0:
-        raise InvalidArgument(f"model {mv.name!r}: parameter timeout must be >= 0 microseconds, got {value}")
+        raise InvalidArgument(f"model {model!r}: parameter timeout must be >= 0 microseconds, got {value}")
     return value
 
 

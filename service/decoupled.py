@@ -36,6 +36,7 @@ async def _chunks(dp: DataPlane, mv: ModelVersion, text: str | bytes, params: di
                   ) -> AsyncIterator[str]:
     rec = mv.recorder
     rec.pending.inc()
+    mv.active += 1  # a generating model is busy: never evicted under --max-loaded-models
     try:
         async for item in mv.generator.generate(text, params):
             if not isinstance(item, Finished):
@@ -48,6 +49,7 @@ async def _chunks(dp: DataPlane, mv: ModelVersion, text: str | bytes, params: di
         raise
     finally:
         rec.pending.dec()
+        mv.active -= 1
     rec.request_ok(time.perf_counter_ns() - t0, 0)  # its tokens were counted as they came
 
 

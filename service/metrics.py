@@ -37,6 +37,15 @@ class Metrics:
                                    multiprocess_mode="max")
         self.load_failures = Counter("deepserve_model_load_failures", "Failed model loads", ["model"],
                                      registry=registry)
+        self.loads = Counter("deepserve_model_loads", "Model loads that left at least one version serving",
+                             ["model"], registry=registry)
+        self.evictions = Counter("deepserve_model_evictions", "Models unloaded to make room for another "
+                                 "(--max-loaded-models / --max-loaded-bytes)", ["model"], registry=registry)
+        self.loaded_models = Gauge("deepserve_loaded_models", "Models in memory or being loaded into it",
+                                   registry=registry, multiprocess_mode="livesum")
+        self.loaded_bytes = Gauge("deepserve_loaded_model_bytes", "Bytes on disk of the model versions in memory "
+                                  "or being loaded (what --max-loaded-bytes bounds)", registry=registry,
+                                  multiprocess_mode="livesum")
         self.model_info = Gauge("deepserve_model_info", "Loaded model versions and their execution provider",
                                 [*MV, "platform", "execution_provider"], registry=registry,
                                 multiprocess_mode="livemax")

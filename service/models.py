@@ -42,6 +42,7 @@ class ModelVersion:
     sequences: Sequences | None = None
     text: TextInput | None = None
     generator: Generator | None = None  # decoupled generation models: the decode loop (service.generation)
+    active: int = 0  # requests in flight or queued here, kept by the data plane: a busy version is never evicted
 
     @property
     def decoupled(self) -> bool:

@@ -1,11 +1,14 @@
 """Which model versions are serving. Lookups are dict reads on the event loop; loads run in worker threads and
 swap in only when complete, so a failed (re)load never takes down the version that is serving, and a replaced
-version finishes its in-flight requests before it is dropped."""
+version finishes its in-flight requests before it is dropped. In lazy mode (--model-control-mode lazy) a model
+loads on its first request, one load shared by every request that waits for it; residency.Residency keeps the
+loaded models within --max-loaded-models / --max-loaded-bytes."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from service.errors import InvalidArgument, ModelLoadError, NotFound, Unavailabl
 from service.metrics import Metrics
 from service.models import ModelVersion, load_version
 from service.repository import Source, model_names, read_config_bytes, select, source
+from service.residency import Residency, version_bytes
 
 log = logging.getLogger("deepserve.registry")
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
@@ -32,6 +36,7 @@ class Model:
     # Should serve: False once unloaded by request or its folder removed. As in Triton, such a model no longer
     # counts against server readiness; a (re)load makes it wanted again.
     wanted: bool = True
+    sizes: dict[int, int] = field(default_factory=dict)  # version -> bytes on disk when it loaded
 
     def refresh_default(self) -> None:
         self.default = self.ready[max(self.ready)] if self.ready else None
@@ -53,12 +58,17 @@ class LoadResult:
 
 
 class Registry:
-    def __init__(self, root: Path, metrics: Metrics, cores: int = 0) -> None:
+    def __init__(self, root: Path, metrics: Metrics, cores: int = 0, lazy: bool = False, max_models: int = 0,
+                 max_bytes: int = 0) -> None:
         self.root = root
         self.metrics = metrics
         self.cores = cores  # this process's share of the machine, for onnxruntime's thread counts
+        self.lazy = lazy  # a request for a scanned model that is not loaded loads it (ensure)
         self.models: dict[str, Model] = {}
+        self.residency = Residency(self, metrics, max_models, max_bytes)
         self._locks: dict[str, asyncio.Lock] = {}
+        self._on_demand: dict[str, asyncio.Task] = {}  # model -> the one lazy load its waiting requests share
+        self.on_change: Callable[[], None] = lambda: None  # ServerState.changed: health follows lazy loads
 
     # --- the request path -------------------------------------------------------------------------------------
     def lookup(self, name: str, version: str = "") -> ModelVersion:
@@ -96,6 +106,58 @@ class Registry:
         for model in self.models.values():
             yield from model.ready.values()
 
+    def busy_loading(self, name: str) -> bool:
+        lock = self._locks.get(name)
+        return lock is not None and lock.locked()
+
+    # --- lazy mode ----------------------------------------------------------------------------------------------
+    def scan(self) -> None:
+        """Lazy mode's start: every model folder becomes known, none loads. A scanned model is not `wanted`: a
+        load that fails on demand is that request's error, not a reason for the server to stop being ready."""
+        for name in self.names_on_disk():
+            self.models.setdefault(name, Model(name, wanted=False))
+
+    def loads_on_demand(self, name: str) -> bool:
+        """Whether a request for `name` that missed the lookup should load it: lazy mode, a scanned model, and
+        nothing of it serving (a missing or failed version of a loaded model is an answer, not a load)."""
+        model = self.models.get(name)
+        return self.lazy and model is not None and not model.ready
+
+    async def ensure(self, name: str, timeout_us: int = 0) -> None:
+        """Wait for `name` to load (lazy mode), within the request's timeout (0: none). Concurrent callers share
+        one load; a failed load raises UNAVAILABLE (NOT_FOUND: the folder went away) with its reason in every one
+        of them, and the next request after it tries again (nothing retries on its own). A waiting request keeps
+        the model from being evicted until it is queued (the caller looks it up with no await in between)."""
+        task = self._on_demand.get(name)
+        if task is None:
+            task = self._on_demand[name] = asyncio.get_running_loop().create_task(self._load_on_demand(name))
+        waiting = self.residency.waiting
+        waiting[name] = waiting.get(name, 0) + 1
+        try:
+            failure = await asyncio.wait_for(asyncio.shield(task), timeout_us / 1e6 if timeout_us else None)
+        except TimeoutError:
+            raise Unavailable(f"model {name!r} is still loading after the request's timeout of {timeout_us} us; "
+                              "retry") from None
+        finally:
+            left = waiting.pop(name) - 1
+            if left:
+                waiting[name] = left
+        if failure is not None:
+            kind, message = failure
+            raise kind(message)  # a fresh exception per waiting request
+
+    async def _load_on_demand(self, name: str) -> tuple[type[NotFound | Unavailable], str] | None:
+        """One lazy load: None when something serves, else why not (returned, not raised, so that a load whose
+        waiters all gave up leaves no unretrieved exception behind)."""
+        try:
+            result = await self.load(name)
+            return (Unavailable, result.error()) if result.failures and not result.model.ready else None
+        except (NotFound, Unavailable) as exc:  # the folder went away; no room to load it
+            return type(exc), str(exc)
+        finally:
+            self._on_demand.pop(name, None)  # at once: the next request after a failure starts a new load
+            self.on_change()  # once per load (and the evictions it made), not once per waiting request
+
     # --- control ------------------------------------------------------------------------------------------------
     def names_on_disk(self) -> list[str]:
         return model_names(self.root)
@@ -115,6 +177,8 @@ class Registry:
                     with uploads.stage(name, files) as model_dir:
                         return await self._load(name, override, model_dir)
                 return await self._load(name, override)
+            except Unavailable:  # no room under --max-loaded-models / --max-loaded-bytes: the caller's answer
+                raise
             except Exception as exc:  # a bug or a surprise in one model's load never takes the server down
                 log.exception("model %s: unexpected load failure", name)
                 model = self.models.setdefault(name, Model(name))
@@ -125,7 +189,6 @@ class Registry:
         model_dir = model_dir or self.root / name
         model = self.models.setdefault(name, Model(name))
         model.wanted = True
-        loop = asyncio.get_running_loop()
         # The snapshot comes first and the load works from it: a config or version that changes meanwhile differs
         # from what is remembered, so the next poll loads it; an unchanged bad config is not retried every poll.
         data = read_config_bytes(model_dir)
@@ -147,6 +210,22 @@ class Registry:
                     f"version folders {found}, none holds {filename}" if found else "no version folder"))
         except ModelLoadError as exc:
             return LoadResult(model, [self._failed(model, 0, str(exc))])
+        need = version_bytes(model_dir, wanted)
+        try:
+            await self.residency.make_room(name, need)
+        except Unavailable as exc:
+            log.warning("%s", exc)
+            if not model.ready:  # refused for room: shown in the index, and no reason for the server to be unready
+                model.state, model.wanted = {0: (UNAVAILABLE, str(exc))}, False
+            raise
+        try:
+            return await self._load_versions(model, model_dir, config, explicit, wanted)
+        finally:
+            self._settle(model)
+
+    async def _load_versions(self, model: Model, model_dir: Path, config: model_config_pb2.ModelConfig,
+                             explicit: bool, wanted: list[int]) -> LoadResult:
+        name, loop = model.name, asyncio.get_running_loop()
         model.state.pop(0, None)
         result = LoadResult(model)
         new: dict[int, ModelVersion] = {}
@@ -169,6 +248,7 @@ class Registry:
             if mv.sequences:
                 mv.sequences.start(mv.batcher)
             new[v] = mv
+            model.sizes[v] = version_bytes(model_dir, [v])
             model.state[v] = (READY, "")
             self.metrics.model_info.labels(name, str(v), mv.config.platform, mv.providers[0]).set(1)
         old = model.ready
@@ -178,6 +258,9 @@ class Registry:
         keep = {v: mv for v, mv in old.items() if v not in new and (failed or v in wanted)}
         model.ready = {**keep, **new}
         model.refresh_default()
+        self._settle(model)
+        if new:
+            self.metrics.loads.labels(name).inc()
         retired = [mv for v, mv in old.items() if model.ready.get(v) is not mv]
         for mv in retired:
             if mv.version not in wanted:
@@ -185,6 +268,13 @@ class Registry:
             self._hand_over(mv, model, new)
         await self._retire(retired)
         return result
+
+    def _settle(self, model: Model) -> None:
+        """Hold what serves now (its real size) or release the room a load reserved; at every swap."""
+        if model.ready:
+            self.residency.loaded(model.name, sum(model.sizes.get(v, 0) for v in model.ready))
+        else:
+            self.residency.release(model.name)
 
     @staticmethod
     def _hand_over(old: ModelVersion, model: Model, new: dict[int, ModelVersion]) -> None:
@@ -221,6 +311,7 @@ class Registry:
             model.wanted = False
             retired = list(model.ready.values())
             model.ready, model.default = {}, None
+            self.residency.release(name)
             model.state = {mv.version: (UNLOADING, "") for mv in retired}
             await self._retire(retired)
             model.state = {v: (UNAVAILABLE, why) for v in model.state} or {0: (UNAVAILABLE, why)}

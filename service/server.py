@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from service import logs, settings
 from service._proto import inference_pb2
 from service.dataplane import DataPlane
-from service.errors import NotFound
+from service.errors import NotFound, Unavailable
 from service.grpc_api import Servicer, add_to_server
 from service.http_api import HttpApi
 from service.http_server import HttpFrontEnd
@@ -95,14 +95,20 @@ async def serve(s: Settings) -> int:
     if s.metrics_port:
         metrics.serve(s.metrics_port, s.host)
     workers = int(os.environ.get("DEEPSERVE_WORKERS_TOTAL", "1"))
-    registry = Registry(Path(s.repository), metrics, cores=max(1, (os.cpu_count() or 1) // workers))
+    registry = Registry(Path(s.repository), metrics, cores=max(1, (os.cpu_count() or 1) // workers),
+                        lazy=s.model_control_mode == "lazy", max_models=s.max_loaded_models,
+                        max_bytes=s.max_loaded_bytes)
     options = [("grpc.max_receive_message_length", s.max_message_bytes),
                ("grpc.max_send_message_length", s.max_message_bytes),
                ("grpc.so_reuseport", 1 if s.reuse_port else 0)]
     server = grpc.aio.server(options=options, interceptors=[TokenAuth(tokens)] if tokens else [])
     health_servicer = health.aio.HealthServicer()
-    state = ServerState(registry, strict=s.strict_readiness, explicit_control=s.explicit_control)
+    # Lazy mode is ready once the scan is done: a model that fails to load on demand answers its requests with
+    # the reason, it does not take the whole server out of rotation.
+    state = ServerState(registry, strict=s.strict_readiness and not registry.lazy,
+                        explicit_control=s.explicit_control)
     state.listeners.append(grpc_health(health_servicer))
+    registry.on_change = state.changed
     shared = SharedStats(registry) if os.environ.get(STATS_DIR) else None
     dataplane = DataPlane(registry, state, s.max_inflight, s.access_log, s.max_elements, shared,
                           SharedMemory(s.allow_shared_memory))
@@ -153,6 +159,10 @@ async def serve(s: Settings) -> int:
 
 
 async def _initial_load(registry: Registry, s: Settings) -> None:
+    if registry.lazy:
+        registry.scan()
+        log.info("lazy mode: %d models found, each loads on its first request", len(registry.models))
+        return
     names = registry.names_on_disk()
     if s.model_control_mode == "explicit" and "*" not in s.load_model:
         for missing in sorted(set(s.load_model) - set(names)):
@@ -163,6 +173,8 @@ async def _initial_load(registry: Registry, s: Settings) -> None:
             await registry.load(name)
         except NotFound:  # the folder went away since the scan: nothing to serve, nothing to stop for
             log.warning("model folder %s disappeared before it was loaded", name)
+        except Unavailable as exc:  # --max-loaded-bytes smaller than the model: logged, shown in the index
+            log.error("--load-model %s: %s", name, exc)
 
 
 async def _poll(registry: Registry, state: ServerState, every: float) -> None:

@@ -32,10 +32,14 @@ class Settings:
     log_level: str = opt("info", "log level", choices=["debug", "info", "warning", "error"])
     access_log: bool = opt(False, "log one line per inference request (model, version, status, duration)")
     model_control_mode: str = opt("none", "none: load all at start; poll: also rescan the repository; explicit: "
-                                  "load only --load-model and the repository RPCs",
-                                  choices=["none", "poll", "explicit"])
+                                  "load only --load-model and the repository RPCs; lazy: scan at start, load each "
+                                  "model on its first request", choices=["none", "poll", "explicit", "lazy"])
     repository_poll_secs: float = opt(15.0, "rescan interval in poll mode")
     load_model: list[str] = opt([], "model to load at start in explicit mode (repeatable; '*' for all)")
+    max_loaded_models: int = opt(0, "lazy or explicit mode: most models in memory at once; a load beyond it first "
+                                 "unloads the least recently used idle models (0: no limit)")
+    max_loaded_bytes: int = opt(0, "lazy or explicit mode: most bytes of model files (on disk) in memory at once, "
+                                "enforced as --max-loaded-models is (0: no limit)")
     strict_readiness: bool = opt(True, "ServerReady (and health) only when every model that should load is ready")
     workers: int = opt(1, "server processes sharing the gRPC and HTTP ports (SO_REUSEPORT): one event loop per "
                        "core; metrics and statistics cover all of them; not with --model-control-mode explicit")
@@ -102,6 +106,11 @@ def parse(argv: list[str]) -> Settings:
         p.error("--tls-cert and --tls-key go together")
     if args.tls_ca and not args.tls_cert:
         p.error("--tls-ca (mutual TLS) needs --tls-cert and --tls-key")
+    if (args.max_loaded_models or args.max_loaded_bytes) and args.model_control_mode not in ("lazy", "explicit"):
+        p.error("--max-loaded-models / --max-loaded-bytes need --model-control-mode lazy or explicit (the modes "
+                "that load on demand or by request); in none or poll mode every model loads")
+    if args.max_loaded_models < 0 or args.max_loaded_bytes < 0:
+        p.error("--max-loaded-models and --max-loaded-bytes must be >= 0 (0: no limit)")
     if args.workers > 1 and args.model_control_mode == "explicit":
         p.error("--workers > 1 cannot be combined with --model-control-mode explicit: a load or unload call reaches "
                 "only the one worker that answers it, so workers would serve different models; use one worker, or "
