@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from service import __version__
+from service import __version__, logs
 from service._proto import model_config_pb2
 from service.config import parse_json
 from service.errors import InvalidArgument, ModelLoadError, NotFound, Unavailable, kind_of
@@ -25,16 +25,18 @@ from service.protocol import InferRequest, InferResponse, OutputTensor, Requeste
 from service.registry import READY, Registry
 from service.state import ServerState
 from service.tensors import BYTES, decode_input
+from service.tracing import Trace, Tracing
 from service.workers import SharedStats, merge
 
 log = logging.getLogger("deepserve.access")
 EXTENSIONS = ["classification", "sequence", "model_repository", "model_repository(unload_dependents)",
-              "schedule_policy", "model_configuration", "statistics", "parameters", "binary_tensor_data"]
+              "schedule_policy", "model_configuration", "statistics", "parameters", "binary_tensor_data", "trace",
+              "logging"]
 
 
 class DataPlane:
     def __init__(self, registry: Registry, state: ServerState, max_inflight: int = 0, access_log: bool = False,
-                 max_elements: int = 0, shared: SharedStats | None = None) -> None:
+                 max_elements: int = 0, shared: SharedStats | None = None, tracing: Tracing | None = None) -> None:
         self.registry = registry
         self.state = state
         self.max_elements = max_elements
@@ -42,6 +44,7 @@ class DataPlane:
         self.access_log = access_log
         self.shared = shared  # --workers: the other workers' statistics
         self.inflight = 0  # accepted and not yet answered; the drain on shutdown waits for 0
+        self.tracing = tracing or Tracing()  # off unless --trace-config or the trace extension turns it on
 
     # --- health and metadata ------------------------------------------------------------------------------------
     def live(self) -> bool:
@@ -127,9 +130,27 @@ class DataPlane:
         await self.registry.unload(name)
         self.state.changed()
 
+    # --- trace and log settings (Triton's trace and logging extensions) ----------------------------------------
+    def trace_settings(self, model: str = "", update: dict | None = None) -> dict:
+        """Get, or update then get, the global (model "") or one model's trace settings, in Triton's JSON shape:
+        {"trace_level": [..], "trace_rate": "N", ...}. Update values: a string, a list of strings, or None / []
+        to clear. A model must be ready, as Triton asks."""
+        if model and not self.model_ready(model):
+            raise InvalidArgument(f"trace settings: unknown model {model!r} (no ready version)")
+        return self.tracing.update(model, update) if update else self.tracing.get(model)
+
+    def log_settings(self, update: dict | None = None) -> dict:
+        """Get, or update then get, Triton's log settings: {"log_file": "", "log_info": bool, "log_warning": bool,
+        "log_error": bool, "log_verbose_level": int, "log_format": str}; None values leave a setting as it is."""
+        return logs.update_settings(update) if update else logs.get_settings()
+
     # --- inference ----------------------------------------------------------------------------------------------
-    async def infer(self, request: InferRequest) -> InferResponse:
+    async def infer(self, request: InferRequest, trace: Trace | None = None) -> InferResponse:
+        """`trace`: the front end's handle from Tracing.begin when this request is traced, else None (the
+        untraced path costs one `is None` test per layer)."""
         self.inflight += 1
+        if trace is not None:
+            trace.span.set_attribute("request_id", request.id)
         code, version = "OK", request.version
         t0 = time.perf_counter_ns()
         try:
@@ -138,7 +159,7 @@ class DataPlane:
             if self.max_inflight and self.inflight > self.max_inflight:
                 raise Unavailable(f"server busy: {self.inflight - 1} requests in flight (--max-inflight); retry "
                                   "later")
-            response = await self._infer(request, t0)
+            response = await self._infer(request, t0, trace)
             version = response.version  # the version that served it, also when the request named none
             return response
         except asyncio.CancelledError:
@@ -154,7 +175,7 @@ class DataPlane:
                                          "status": code,
                                          "duration_ms": round((time.perf_counter_ns() - t0) / 1e6, 3)})
 
-    async def _infer(self, request: InferRequest, t0: int) -> InferResponse:
+    async def _infer(self, request: InferRequest, t0: int, trace: Trace | None) -> InferResponse:
         mv = self.registry.lookup(request.model, request.version)
         rec = mv.recorder
         rec.pending.inc()
@@ -162,11 +183,15 @@ class DataPlane:
             feeds, rows = decode_request(request, mv, self.max_elements)
             wanted = requested_outputs(request.outputs, mv)
             timeout_us = _timeout_us(request, mv)
+            if trace is not None:
+                trace.admitted(mv.version_str, rows, feeds)
             if mv.sequences is None:
-                outputs = await mv.batcher.submit(feeds, rows, timeout_us)
+                outputs = await mv.batcher.submit(feeds, rows, timeout_us, trace)
             else:
-                outputs = await mv.sequences.step(feeds, rows, request.parameters, timeout_us)
+                outputs = await mv.sequences.step(feeds, rows, request.parameters, timeout_us, trace)
             response = InferResponse(mv.name, mv.version_str, request.id, _outputs(mv, outputs, wanted))
+            if trace is not None:
+                trace.answered(response.outputs)
         except asyncio.CancelledError:
             rec.request_failed(time.perf_counter_ns() - t0, "CANCELLED")
             raise

@@ -10,6 +10,8 @@ import argparse
 import os
 from dataclasses import MISSING, dataclass, field, fields
 
+from service.trace_settings import parse_config
+
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
@@ -53,6 +55,10 @@ class Settings:
     tls_cert: str = opt("", "PEM certificate chain; enables TLS (gRPC and HTTP)")
     tls_key: str = opt("", "PEM private key for --tls-cert")
     tls_ca: str = opt("", "PEM CA bundle; clients must present a certificate it signed (mutual TLS)")
+    trace_config: list[str] = opt([], "OpenTelemetry tracing, Triton's syntax (repeatable): mode=opentelemetry, "
+                                  "rate=N (one request in N), count=N, level=TIMESTAMPS|TENSORS|OFF, "
+                                  "opentelemetry,url=URL (OTLP/HTTP), opentelemetry,resource=KEY=VALUE, "
+                                  "opentelemetry,bsp_schedule_delay=MS; OTEL_* variables work as the SDK reads them")
 
     @property
     def explicit_control(self) -> bool:
@@ -99,6 +105,10 @@ def parse(argv: list[str]) -> Settings:
         p.error("--tls-cert and --tls-key go together")
     if args.tls_ca and not args.tls_cert:
         p.error("--tls-ca (mutual TLS) needs --tls-cert and --tls-key")
+    try:
+        parse_config(args.trace_config)
+    except ValueError as exc:
+        p.error(f"--trace-config: {exc}")
     if args.workers > 1 and args.model_control_mode == "explicit":
         p.error("--workers > 1 cannot be combined with --model-control-mode explicit: a load or unload call reaches "
                 "only the one worker that answers it, so workers would serve different models; use one worker, or "
