@@ -184,7 +184,7 @@ class DataPlane:
             wanted = requested_outputs(request.outputs, mv)
             timeout_us = _timeout_us(request, mv)
             if trace is not None:
-                trace.admitted(mv.version_str, rows, feeds)
+                trace.admitted(mv.version_str, rows, request.inputs)
             if mv.sequences is None:
                 outputs = await mv.batcher.submit(feeds, rows, timeout_us, trace)
             else:

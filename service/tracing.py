@@ -118,13 +118,13 @@ class Trace:
         self.tracer, self.span, self.context, self.tensors = tracer, span, context, tensors
         self.offset = time.time_ns() - time.perf_counter_ns()
 
-    def admitted(self, version: str, rows: int, feeds: Mapping | None = None) -> None:
-        """The data plane found the version and decoded the inputs (and, at level TENSORS, what they are)."""
+    def admitted(self, version: str, rows: int, inputs: Iterable = ()) -> None:
+        """The data plane found the version and checked the inputs (at level TENSORS: which they are, as sent)."""
         self.span.set_attributes({"model_version": version, "batch_size": rows})
-        if self.tensors and feeds:
-            for name, arr in feeds.items():
-                self.span.add_event("TENSOR_QUEUE_INPUT", {"name": name, "dtype": str(arr.dtype),
-                                                           "shape": list(arr.shape)})
+        if self.tensors:
+            for t in inputs:
+                self.span.add_event("TENSOR_QUEUE_INPUT", {"name": t.name, "datatype": t.datatype,
+                                                           "shape": list(t.shape)})
 
     def answered(self, outputs: Iterable) -> None:
         if self.tensors:

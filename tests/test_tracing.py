@@ -179,6 +179,24 @@ def test_health_and_metadata_are_not_traced(traced, collector):
     assert {s.name for _, s in spans} == {"ModelInfer", "queue", "compute", "encode"}
 
 
+def test_a_models_level_tensors_adds_its_tensors(traced, collector):
+    def level(*values: str) -> list[str]:
+        request = inference_pb2.TraceSettingRequest(model_name="add_sub")
+        request.settings["trace_level"].value.extend(values)
+        return list(traced.TraceSetting(request).settings["trace_level"].value)
+
+    assert level("TENSORS", "TIMESTAMPS") == ["TIMESTAMPS", "TENSORS"]
+    infer(traced, "tensors", rows=2)
+    assert level() == ["TIMESTAMPS"]  # cleared: the global level again
+    spans = collector.wait(lambda ss: servers_spans(ss, request_id="tensors"))
+    [server] = servers_spans(spans, request_id="tensors")
+    assert [(e.name, attributes(e)) for e in server.events] == [
+        ("TENSOR_QUEUE_INPUT", {"name": "x", "datatype": "FP32", "shape": [2, 4]}),
+        ("TENSOR_QUEUE_INPUT", {"name": "y", "datatype": "FP32", "shape": [2, 4]}),
+        ("TENSOR_BACKEND_OUTPUT", {"name": "sum", "datatype": "FP32", "shape": [2, 4]}),
+        ("TENSOR_BACKEND_OUTPUT", {"name": "diff", "datatype": "FP32", "shape": [2, 4]})]
+
+
 def test_rate_samples_one_in_n_and_callers_decide_for_their_traces(repo, collector):
     """rate=3: the 3rd and 6th of six requests; a caller's sampled traceparent is traced whatever the rate, an
     unsampled one never; a rate changed over TraceSetting holds from the next request. Endpoint and batching from
