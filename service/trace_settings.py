@@ -89,6 +89,9 @@ def parse_config(items: list[str]) -> TraceConfig:
             raise ValueError(f"{key}={value}: an OpenTelemetry setting: --trace-config opentelemetry,{key}=...")
         else:
             raise ValueError(f"{key}: unknown setting; expected level, rate, count, mode or opentelemetry,<setting>")
+    batch, queue = (int(config.otel.get(k, 0)) for k in ("bsp_max_export_batch_size", "bsp_max_queue_size"))
+    if batch and queue and batch > queue:
+        raise ValueError(f"opentelemetry,bsp_max_export_batch_size={batch} must not exceed bsp_max_queue_size={queue}")
     try:
         config.level = _levels(levels, "level") if levels else ((LEVELS[0],) if mode else ())
     except InvalidArgument as exc:

@@ -87,18 +87,20 @@ class Tracing:
 
     # --- the request path ---------------------------------------------------------------------------------------
     def begin(self, model: str, carrier: Mapping | Iterable[tuple[str, str]] | None, protocol: str) -> Trace | None:
-        """A handle for this request when it is to be traced, else None. Call only when `on`."""
+        """A handle for this request when it is to be traced, else None. Call only when `on`. A Mapping carrier
+        must answer lower-case names (gRPC metadata keys are; HTTP header mappings match without case); pairs are
+        lower-cased here."""
         from opentelemetry import propagate
         from opentelemetry import trace as otel
 
         setting = self.settings.of(model)
         if not setting.level:
             return None
-        if carrier is not None and not isinstance(carrier, Mapping):
-            carrier = dict(carrier)
-        context = propagate.extract(carrier) if carrier else None
-        parent = otel.get_current_span(context).get_span_context() if context is not None else None
-        if parent is not None and parent.is_valid:
+        if not isinstance(carrier, Mapping):
+            carrier = {k.lower(): v for k, v in carrier or ()}
+        context = propagate.extract(carrier)  # a fresh context: the caller's span, or none
+        parent = otel.get_current_span(context).get_span_context()
+        if parent.is_valid:
             if not parent.trace_flags.sampled:
                 return None
         elif not setting.sample():

@@ -171,6 +171,21 @@ def test_a_failed_request_records_its_status(traced, collector):
                                   "status": "INVALID_ARGUMENT"}
 
 
+def test_each_request_on_a_stream_is_a_span_of_the_callers_trace(traced, collector):
+    stream_id = "5" * 32
+    x = np.ones((1, 4), np.float32)
+    requests = [support.request("add_sub", x=x, y=x) for _ in range(2)]
+    for i, r in enumerate(requests):
+        r.id = f"stream-{i}"
+    replies = list(traced.ModelStreamInfer(iter(requests), metadata=[("traceparent", f"00-{stream_id}-{PARENT_ID}-01")],
+                                           timeout=30))
+    assert [r.error_message for r in replies] == ["", ""]
+    spans = collector.wait(lambda ss: len(servers_spans([(r, s) for r, s in ss if s.trace_id.hex() == stream_id])) == 2)
+    servers = servers_spans([(r, s) for r, s in spans if s.trace_id.hex() == stream_id])
+    assert sorted(attributes(s)["request_id"] for s in servers) == ["stream-0", "stream-1"]
+    assert {s.parent_span_id.hex() for s in servers} == {PARENT_ID}
+
+
 def test_health_and_metadata_are_not_traced(traced, collector):
     traced.ServerReady(inference_pb2.ServerReadyRequest())
     traced.ModelMetadata(inference_pb2.ModelMetadataRequest(name="add_sub"))
@@ -318,7 +333,9 @@ def test_trace_config_flags_parse_as_triton_writes_them():
     assert parse_config(["mode=opentelemetry", "level=OFF"]).level == ()
     for bad, message in [("mode=triton", "OpenTelemetry only"), ("triton,file=/tmp/t.json", "no Triton trace files"),
                          ("rate=-1", "rate: expected an integer in [0,"), ("level=LOUD", "unknown level 'LOUD'"),
-                         ("url=http://c", "opentelemetry,url="), ("opentelemetry,colour=red", "unknown setting")]:
+                         ("url=http://c", "opentelemetry,url="), ("opentelemetry,colour=red", "unknown setting"),
+                         ("opentelemetry,bsp_max_export_batch_size=9,opentelemetry,bsp_max_queue_size=8",
+                          "must not exceed bsp_max_queue_size=8")]:
         with pytest.raises(ValueError, match=message.replace("[", r"\[")):
             parse_config([bad])
 
