@@ -353,7 +353,7 @@ class Batcher:
 
     def _account(self, batch: list[Pending], rows: int, started: int, t_in: int, t_run: int, t_out: int) -> None:
         rec = self.recorder
-        ended = 0
+        ended = 0  # read once a batch, and only when one of its requests is traced
         for p in batch:
             rec.queued(started - p.enqueued)
             if p.trace is not None:
