@@ -105,9 +105,11 @@ class Tracing:
                 return None
         elif not setting.sample():
             return None
+        offset = time.time_ns() - time.perf_counter_ns()  # one clock for the request's spans: ordered exactly
         span = self._tracer.start_span("ModelInfer", context=context, kind=otel.SpanKind.SERVER,
-                                       attributes={"model_name": model, "protocol": protocol})
-        return Trace(self._tracer, span, otel.set_span_in_context(span), setting.tensors)
+                                       attributes={"model_name": model, "protocol": protocol},
+                                       start_time=time.perf_counter_ns() + offset)
+        return Trace(self._tracer, span, otel.set_span_in_context(span), setting.tensors, offset)
 
 
 class Trace:
@@ -116,9 +118,8 @@ class Trace:
 
     __slots__ = ("tracer", "span", "context", "tensors", "offset")
 
-    def __init__(self, tracer, span, context, tensors: bool) -> None:
-        self.tracer, self.span, self.context, self.tensors = tracer, span, context, tensors
-        self.offset = time.time_ns() - time.perf_counter_ns()
+    def __init__(self, tracer, span, context, tensors: bool, offset: int) -> None:
+        self.tracer, self.span, self.context, self.tensors, self.offset = tracer, span, context, tensors, offset
 
     def admitted(self, version: str, rows: int, inputs: Iterable = ()) -> None:
         """The data plane found the version and checked the inputs (at level TENSORS: which they are, as sent)."""
@@ -170,5 +171,5 @@ class Trace:
             self.span.set_attribute("status", status)
             first = str(exc).splitlines()[0][:240] if str(exc) else type(exc).__name__
             self.span.set_status(Status(StatusCode.ERROR, f"{status}: {first}"))
-        self.span.end()
+        self.span.end(end_time=time.perf_counter_ns() + self.offset)
         return False
