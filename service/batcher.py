@@ -35,6 +35,7 @@ from service._proto import model_config_pb2
 from service.errors import ModelLoadError, ServingError, Unavailable
 from service.runtime import FAST_RUN_NS, Instance, param
 from service.stats import Recorder
+from service.tracing import Trace
 
 Outputs = dict[str, np.ndarray]
 INLINE_MAX_NS = 1_000_000  # longest a batch may block the event loop (the other requests' decode and replies)
@@ -44,11 +45,12 @@ PROBE_EVERY = 128  # while waiting does not pay, one arrival in this many waits 
 
 
 class Pending:
-    __slots__ = ("feeds", "rows", "key", "future", "enqueued", "deadline", "patient", "timer", "taken")
+    __slots__ = ("feeds", "rows", "key", "future", "enqueued", "deadline", "patient", "timer", "taken", "trace")
 
     def __init__(self, feeds: dict[str, np.ndarray], rows: int, key: tuple, future: asyncio.Future | None,
-                 enqueued: int, deadline: int = 0, patient: bool = False) -> None:
+                 enqueued: int, deadline: int = 0, patient: bool = False, trace: Trace | None = None) -> None:
         self.feeds, self.rows, self.key, self.future, self.enqueued = feeds, rows, key, future, enqueued
+        self.trace = trace  # service.tracing handle when this request is traced: told its queue wait and compute
         self.deadline = deadline  # until when its batch may wait for company (perf_counter_ns)
         self.patient = patient  # as its head, the batch waits out the whole delay (adaptive: to measure the fill)
         self.timer: asyncio.TimerHandle | None = None
@@ -116,7 +118,8 @@ class Batcher:
         self.closed = True
         self.executor.shutdown(wait=False)
 
-    async def submit(self, feeds: dict[str, np.ndarray], rows: int, timeout_us: int = 0) -> Outputs:
+    async def submit(self, feeds: dict[str, np.ndarray], rows: int, timeout_us: int = 0,
+                     trace: Trace | None = None) -> Outputs:
         """Queue one request and wait for its rows of the outputs."""
         if self.closed:
             raise Unavailable(f"model {self.name!r}: this version was unloaded; retry")
@@ -126,14 +129,14 @@ class Batcher:
         timeout_us = self._timeout(timeout_us)
         if not self.batching and not self.queue and self.free and not timeout_us and self._inline(rows):
             # idle fast path: no partner is possible and nothing is queued, so run right here
-            return self._run_inline(self.free.pop(), [Pending(feeds, rows, (), None, now)], rows)[0]
+            return self._run_inline(self.free.pop(), [Pending(feeds, rows, (), None, now, trace=trace)], rows)[0]
         loop = self._loop
         delay, patient = self._delay()
         if delay and self.adaptive and not self.queue:  # it arrives first: the head of the next batch
             self._heads += 1
             patient = patient or self._fill is None or self._heads % PATIENT_EVERY == 0
         p = Pending(feeds, rows, tuple(a.shape[1:] for a in feeds.values()) if self.batching else (),
-                    loop.create_future(), now, now + delay, patient)
+                    loop.create_future(), now, now + delay, patient, trace)
         if timeout_us:  # timeout_action DELAY is refused at load: a request past its timeout is refused
             p.timer = loop.call_later(timeout_us / 1e6, self._expire, p, timeout_us)
         self.queue.append(p)
@@ -350,8 +353,12 @@ class Batcher:
 
     def _account(self, batch: list[Pending], rows: int, started: int, t_in: int, t_run: int, t_out: int) -> None:
         rec = self.recorder
+        ended = 0  # read once a batch, and only when one of its requests is traced
         for p in batch:
             rec.queued(started - p.enqueued)
+            if p.trace is not None:
+                ended = ended or time.perf_counter_ns()
+                p.trace.ran(p.enqueued, started, ended, rows, len(batch), t_in, t_run, t_out)
         rec.executed(rows, len(batch), t_in, t_run, t_out)
         per_row = t_run / rows
         self.row_ns = per_row if self.row_ns is None else 0.9 * self.row_ns + 0.1 * per_row

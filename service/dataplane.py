@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
-from service import __version__, decoupled
+from service import __version__, decoupled, logs
 from service._proto import model_config_pb2
 from service.config import parse_json
 from service.errors import InvalidArgument, ModelLoadError, NotFound, Unavailable, Unimplemented, kind_of
@@ -32,11 +32,13 @@ from service.registry import READY, Registry
 from service.shm import Lease, SharedMemory
 from service.state import ServerState
 from service.tensors import BYTES, decode_input, encode_bytes
+from service.tracing import Trace, Tracing
 from service.workers import SharedStats, merge
 
 log = logging.getLogger("deepserve.access")
 EXTENSIONS = ["classification", "sequence", "model_repository", "model_repository(unload_dependents)",
-              "schedule_policy", "model_configuration", "statistics", "parameters", "binary_tensor_data"]
+              "schedule_policy", "model_configuration", "statistics", "parameters", "binary_tensor_data", "trace",
+              "logging", "generate"]
 SYSTEM_SHARED_MEMORY = "system_shared_memory"  # advertised only with --allow-shared-memory: it works only then
 REGION, REGION_SIZE, REGION_OFFSET = "shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"
 
@@ -44,7 +46,7 @@ REGION, REGION_SIZE, REGION_OFFSET = "shared_memory_region", "shared_memory_byte
 class DataPlane:
     def __init__(self, registry: Registry, state: ServerState, max_inflight: int = 0, access_log: bool = False,
                  max_elements: int = 0, shared: SharedStats | None = None,
-                 shared_memory: SharedMemory | None = None) -> None:
+                 shared_memory: SharedMemory | None = None, tracing: Tracing | None = None) -> None:
         self.registry = registry
         self.state = state
         self.max_elements = max_elements
@@ -54,6 +56,7 @@ class DataPlane:
         self.inflight = 0  # accepted and not yet answered; the drain on shutdown waits for 0
         self.shm = shared_memory or SharedMemory(allowed=False)
         self._touch = registry.residency.touch  # the eviction order, updated per request
+        self.tracing = tracing or Tracing()  # off unless --trace-config or the trace extension turns it on
 
     # --- health and metadata ------------------------------------------------------------------------------------
     def live(self) -> bool:
@@ -193,17 +196,36 @@ class DataPlane:
         """Text chunks of one generation (Triton's generate extension), for both front ends."""
         return decoupled.generate(self, model, version, text, params, request_id)
 
-    def stream_infer(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+    def stream_infer(self, request: InferRequest, trace: Trace | None = None) -> AsyncIterator[InferResponse]:
         """ModelStreamInfer: one response for a plain model, N for a decoupled one (service.decoupled)."""
-        return decoupled.stream_infer(self, request)
+        return decoupled.stream_infer(self, request, trace)
 
-    async def infer(self, request: InferRequest) -> InferResponse:
+    # --- trace and log settings (Triton's trace and logging extensions) ----------------------------------------
+    def trace_settings(self, model: str = "", update: dict | None = None) -> dict:
+        """Get, or update then get, the global (model "") or one model's trace settings, in Triton's JSON shape:
+        {"trace_level": [..], "trace_rate": "N", ...}. Update values: a string, a list of strings, or None / []
+        to clear. A model must be ready, as Triton asks."""
+        if model and not self.model_ready(model):
+            raise InvalidArgument(f"trace settings: unknown model {model!r} (no ready version)")
+        return self.tracing.update(model, update) if update else self.tracing.get(model)
+
+    def log_settings(self, update: dict | None = None) -> dict:
+        """Get, or update then get, Triton's log settings: {"log_file": "", "log_info": bool, "log_warning": bool,
+        "log_error": bool, "log_verbose_level": int, "log_format": str}; None values leave a setting as it is."""
+        return logs.update_settings(update) if update else logs.get_settings()
+
+    # --- inference ----------------------------------------------------------------------------------------------
+    async def infer(self, request: InferRequest, trace: Trace | None = None) -> InferResponse:
+        """`trace`: the front end's handle from Tracing.begin when this request is traced, else None (the
+        untraced path costs one `is None` test per layer)."""
         self.inflight += 1
+        if trace is not None:
+            trace.span.set_attribute("request_id", request.id)
         code, version = "OK", request.version
         t0 = time.perf_counter_ns()
         try:
             self.admit()
-            response = await self._infer(request, t0)
+            response = await self._infer(request, t0, trace)
             version = response.version  # the version that served it, also when the request named none
             return response
         except asyncio.CancelledError:
@@ -219,7 +241,7 @@ class DataPlane:
                                          "status": code,
                                          "duration_ms": round((time.perf_counter_ns() - t0) / 1e6, 3)})
 
-    async def _infer(self, request: InferRequest, t0: int) -> InferResponse:
+    async def _infer(self, request: InferRequest, t0: int, trace: Trace | None) -> InferResponse:
         waited_ns = 0
         try:
             mv = self.registry.lookup(request.model, request.version)
@@ -243,11 +265,15 @@ class DataPlane:
             timeout_us = _timeout_us(request, mv.name)
             if timeout_us and waited_ns:  # the wait for a lazy load came out of it
                 timeout_us = max(1, timeout_us - waited_ns // 1000)
+            if trace is not None:
+                trace.admitted(mv.version_str, rows, request.inputs)
             if mv.sequences is None:
-                outputs = await mv.batcher.submit(feeds, rows, timeout_us)
+                outputs = await mv.batcher.submit(feeds, rows, timeout_us, trace)
             else:
-                outputs = await mv.sequences.step(feeds, rows, request.parameters, timeout_us)
+                outputs = await mv.sequences.step(feeds, rows, request.parameters, timeout_us, trace)
             response = InferResponse(mv.name, mv.version_str, request.id, _outputs(mv, outputs, wanted, lease))
+            if trace is not None:
+                trace.answered(response.outputs)
         except asyncio.CancelledError:
             rec.request_failed(time.perf_counter_ns() - t0, "CANCELLED")
             raise

@@ -95,10 +95,13 @@ def _response(mv: ModelVersion, request: InferRequest, chunk: str | None, final:
     return InferResponse(mv.name, mv.version_str, request.id, outputs, {FINAL: final})
 
 
-async def stream_infer(dp: DataPlane, request: InferRequest) -> AsyncIterator[InferResponse]:
-    mv = dp.registry.lookup(request.model, request.version)
-    if mv.generator is None:
-        yield await dp.infer(request)
+async def stream_infer(dp: DataPlane, request: InferRequest, trace=None) -> AsyncIterator[InferResponse]:
+    try:
+        mv = dp.registry.lookup(request.model, request.version)
+    except Exception:
+        mv = None  # infer answers it (and loads the model in lazy mode)
+    if mv is None or mv.generator is None:
+        yield await dp.infer(request, trace)
         return
     params = dict(request.parameters)
     empty_final = params.pop(EMPTY_FINAL, False) is True

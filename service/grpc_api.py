@@ -193,7 +193,14 @@ class Servicer:
 
     @rpc
     async def ModelInfer(self, request, context):
-        return from_response(await self.dataplane.infer(to_request(request)))
+        tracing = self.dataplane.tracing
+        trace = tracing.begin(request.model_name, context.invocation_metadata(), "grpc") if tracing.on else None
+        if trace is None:
+            return from_response(await self.dataplane.infer(to_request(request)))
+        with trace:
+            response = await self.dataplane.infer(to_request(request), trace)
+            with trace.encoding():
+                return from_response(response)
 
     async def ModelStreamInfer(self, requests: AsyncIterator, context) -> AsyncIterator:
         """Requests are served concurrently (so a stream batches); an error goes into that reply's error_message
@@ -201,14 +208,25 @@ class Servicer:
         replies: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
 
+        tracing = self.dataplane.tracing
+
         async def one(request: pb.ModelInferRequest) -> None:
             t0 = time.perf_counter()
             code = "OK"
             try:
                 if type(request) is BadMessage:
                     raise InvalidArgument(request.error)
-                async for response in self.dataplane.stream_infer(to_request(request)):
-                    await replies.put(pb.ModelStreamInferResponse(infer_response=from_response(response)))
+                trace = tracing.begin(request.model_name, context.invocation_metadata(), "grpc") if tracing.on \
+                    else None
+                if trace is None:
+                    async for response in self.dataplane.stream_infer(to_request(request)):
+                        await replies.put(pb.ModelStreamInferResponse(infer_response=from_response(response)))
+                else:
+                    with trace:
+                        async for response in self.dataplane.stream_infer(to_request(request), trace):
+                            with trace.encoding():
+                                reply = pb.ModelStreamInferResponse(infer_response=from_response(response))
+                            await replies.put(reply)
             except Exception as exc:
                 status, message = failure("ModelStreamInfer", request, exc)
                 code = status.name
@@ -296,3 +314,23 @@ class Servicer:
     async def CudaSharedMemoryUnregister(self, request, context):
         self.dataplane.cuda_shared_memory_unregister(request.name)
         return pb.CudaSharedMemoryUnregisterResponse()
+
+    @rpc
+    async def TraceSetting(self, request, context):
+        update = {k: list(v.value) for k, v in request.settings.items()}  # no value: clear
+        settings = self.dataplane.trace_settings(request.model_name, update)
+        reply = pb.TraceSettingResponse()
+        for key, value in settings.items():
+            reply.settings[key].value.extend(value if isinstance(value, list) else [value])
+        return reply
+
+    @rpc
+    async def LogSettings(self, request, context):
+        update = {k: getattr(v, v.WhichOneof("parameter_choice")) if v.WhichOneof("parameter_choice") else None
+                  for k, v in request.settings.items()}
+        reply = pb.LogSettingsResponse()
+        for key, value in self.dataplane.log_settings(update).items():
+            kind = "bool_param" if isinstance(value, bool) else "uint32_param" if isinstance(value, int) \
+                else "string_param"
+            setattr(reply.settings[key], kind, value)
+        return reply

@@ -21,7 +21,7 @@ from google.protobuf import json_format
 
 from service import http_codec, openapi
 from service.dataplane import DataPlane
-from service.errors import InvalidArgument, NotFound, ServingError, Unimplemented, describe
+from service.errors import InvalidArgument, NotFound, ServingError, describe
 from service.metrics import Metrics
 from service.security import Tokens
 
@@ -191,9 +191,19 @@ class HttpApi:
 
     # --- inference ----------------------------------------------------------------------------------------------
     async def infer(self, req: Request) -> Reply:
-        request = http_codec.to_request(req.params["model"], req.params.get("version", ""), req.body,
-                                        req.headers.get(http_codec.HEADER_LENGTH))
-        body, header_length = http_codec.from_response(await self.dataplane.infer(request))
+        tracing = self.dataplane.tracing
+        trace = tracing.begin(req.params["model"], req.headers, "http") if tracing.on else None
+        if trace is None:
+            request = http_codec.to_request(req.params["model"], req.params.get("version", ""), req.body,
+                                            req.headers.get(http_codec.HEADER_LENGTH))
+            body, header_length = http_codec.from_response(await self.dataplane.infer(request))
+        else:
+            with trace:  # ends the span with the status, also when decoding fails
+                request = http_codec.to_request(req.params["model"], req.params.get("version", ""), req.body,
+                                                req.headers.get(http_codec.HEADER_LENGTH))
+                response = await self.dataplane.infer(request, trace)
+                with trace.encoding():
+                    body, header_length = http_codec.from_response(response)
         if header_length is None:
             return Reply(200, body)
         return Reply(200, body, "application/octet-stream",
@@ -309,8 +319,14 @@ class HttpApi:
         self.dataplane.cuda_shared_memory_unregister(req.params.get("region", ""))
         return Reply(200)
 
-    async def unimplemented(self, req: Request) -> Reply:
-        raise Unimplemented(f"{req.method} {req.path}: this extension is not implemented by deepserve")
+    # --- trace and log settings (Triton's trace and logging extensions) ---------------------------------------
+    async def trace_settings(self, req: Request) -> Reply:
+        update = _body_json(req, "trace settings") if req.method == "POST" else None
+        return json_reply(self.dataplane.trace_settings(req.params.get("model", ""), update or None))
+
+    async def log_settings(self, req: Request) -> Reply:
+        update = _body_json(req, "log settings") if req.method == "POST" else None
+        return json_reply(self.dataplane.log_settings(update or None))
 
     async def not_found(self, req: Request) -> Reply:
         raise NotFound(f"{req.method} {req.path}: no such endpoint; see /v2/openapi.json")
@@ -345,6 +361,15 @@ ROUTES: list[Route] = [
           HttpApi.load),
     Route("POST", "/v2/repository/models/{model}/unload", "repository_unload", "Unload a model", HttpApi.unload),
 ]
+for method in ("GET", "POST"):
+    verb = "get" if method == "GET" else "update"
+    ROUTES += [
+        Route(method, "/v2/trace/setting", f"trace_setting_{verb}", f"{verb.title()} the global trace settings",
+              HttpApi.trace_settings),
+        Route(method, "/v2/models/{model}/trace/setting", f"model_trace_setting_{verb}",
+              f"{verb.title()} a model's trace settings", HttpApi.trace_settings),
+        Route(method, "/v2/logging", f"logging_{verb}", f"{verb.title()} the log settings", HttpApi.log_settings),
+    ]
 for kind, api in (("system", ""), ("cuda", "cuda_")):
     base = f"/v2/{kind}sharedmemory"
     ROUTES += [
@@ -370,5 +395,3 @@ for prefix, suffix in ((_M, ""), (_V, "_version")):
         Route("POST", prefix + "/generate_stream", "generate_stream" + suffix, "Generate text, streamed as "
               "server-sent events", HttpApi.generate_stream),
     ]
-# Triton extensions not implemented here: a clear 501 rather than a 404.
-UNIMPLEMENTED_PREFIXES = ("/v2/trace", "/v2/logging")

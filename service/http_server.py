@@ -17,7 +17,7 @@ import socket
 import orjson
 import uvicorn
 
-from service.http_api import ROUTES, UNIMPLEMENTED_PREFIXES, HttpApi, Reply, Request, Route
+from service.http_api import ROUTES, HttpApi, Reply, Request, Route
 from service.settings import Settings
 
 log = logging.getLogger("deepserve.http")
@@ -30,12 +30,11 @@ for _r in ROUTES:
         _parts = _r.path.split("/")
         _PATTERNS.setdefault((_r.method, len(_parts)), []).append((_parts, _r))
 _FALLBACK = Route("*", "", "unknown", "", HttpApi.not_found)
-_UNIMPLEMENTED = Route("*", "", "unimplemented", "", HttpApi.unimplemented)
 
 
 def route(method: str, path: str) -> tuple[Route, dict[str, str]]:
     """The route and path parameters ({model}, {version}, {region}: one non-empty segment each) for a request;
-    unknown paths get the 404 route, Triton extensions we do not implement the 501 one."""
+    unknown paths get the 404 route."""
     r = _STATIC.get((method, path))
     if r is not None:
         return r, {}
@@ -51,8 +50,6 @@ def route(method: str, path: str) -> tuple[Route, dict[str, str]]:
                 break
         else:
             return r, params
-    if path.startswith(UNIMPLEMENTED_PREFIXES) or "/trace/" in path:
-        return _UNIMPLEMENTED, {}
     return _FALLBACK, {}
 
 

@@ -24,6 +24,7 @@ from service.batcher import Batcher, Outputs
 from service.errors import InvalidArgument, ModelLoadError, Unavailable
 from service.runtime import param
 from service.tensors import BY_CONFIG
+from service.tracing import Trace
 
 DEFAULT_IDLE_US = 1_000_000  # Triton's default
 DEFAULT_MAX_SEQUENCES = 1024
@@ -167,7 +168,8 @@ class Sequences:
             for sid, seq in [(k, s) for k, s in table.live.items() if s.last_used < cutoff and not s.lock.locked()]:
                 table.remove(sid, seq)
 
-    async def step(self, feeds: dict[str, np.ndarray], rows: int, params, timeout_us: int) -> Outputs:
+    async def step(self, feeds: dict[str, np.ndarray], rows: int, params, timeout_us: int,
+                   trace: Trace | None = None) -> Outputs:
         """One step of a sequence. It runs on the batcher of the version that owns the sequence when its turn
         comes: the version the request was routed to, unless a reload handed the sequence over meanwhile."""
         sid, start, end = _control(params, self.name)
@@ -197,7 +199,7 @@ class Sequences:
                 if start:  # a new start on a live id begins it again, in its turn
                     seq.state = self._fresh()
                 seq.last_used = time.monotonic()
-                out = await owner.batcher.submit({**feeds, **seq.state}, 1, timeout_us)
+                out = await owner.batcher.submit({**feeds, **seq.state}, 1, timeout_us, trace)
                 seq.state = {s.input: out[s.output] for s in owner.states}
                 seq.last_used = time.monotonic()
                 if end:

@@ -30,6 +30,8 @@ from service.security import ConfigError, Tokens, load_tokens, ssl_context
 from service.settings import Settings
 from service.shm import SharedMemory
 from service.state import ServerState
+from service.trace_settings import parse_config
+from service.tracing import Tracing
 from service.workers import STATS_DIR, SharedStats, supervise
 
 log = logging.getLogger("deepserve.server")
@@ -111,7 +113,7 @@ async def serve(s: Settings) -> int:
     registry.on_change = state.changed
     shared = SharedStats(registry) if os.environ.get(STATS_DIR) else None
     dataplane = DataPlane(registry, state, s.max_inflight, s.access_log, s.max_elements, shared,
-                          SharedMemory(s.allow_shared_memory))
+                          SharedMemory(s.allow_shared_memory), Tracing(parse_config(s.trace_config)))
     add_to_server(Servicer(dataplane, metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -216,6 +218,7 @@ async def _drain(server: grpc.aio.Server, http, dataplane: DataPlane, state: Ser
     if http:
         await http.stop()
     await server.stop(grace=max(0.0, deadline - time.monotonic()))
+    await asyncio.to_thread(dataplane.tracing.close)  # export the spans still queued
     log.info("stopped after %.2fs", time.monotonic() - t0)
     return 0 if not left else 1
 

@@ -10,6 +10,8 @@ import argparse
 import os
 from dataclasses import MISSING, dataclass, field, fields
 
+from service.trace_settings import parse_config
+
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
@@ -60,6 +62,10 @@ class Settings:
     allow_shared_memory: bool = opt(False, "let clients register system shared memory regions (POSIX shm objects "
                                     "on this host) that inputs are read from and outputs written into; off: the "
                                     "shared memory calls answer UNAVAILABLE")
+    trace_config: list[str] = opt([], "OpenTelemetry tracing, Triton's syntax (repeatable): mode=opentelemetry, "
+                                  "rate=N (one request in N), count=N, level=TIMESTAMPS|TENSORS|OFF, "
+                                  "opentelemetry,url=URL (OTLP/HTTP), opentelemetry,resource=KEY=VALUE, "
+                                  "opentelemetry,bsp_schedule_delay=MS; OTEL_* variables work as the SDK reads them")
 
     @property
     def explicit_control(self) -> bool:
@@ -111,6 +117,10 @@ def parse(argv: list[str]) -> Settings:
                 "that load on demand or by request); in none or poll mode every model loads")
     if args.max_loaded_models < 0 or args.max_loaded_bytes < 0:
         p.error("--max-loaded-models and --max-loaded-bytes must be >= 0 (0: no limit)")
+    try:
+        parse_config(args.trace_config)
+    except ValueError as exc:
+        p.error(f"--trace-config: {exc}")
     if args.workers > 1 and args.model_control_mode == "explicit":
         p.error("--workers > 1 cannot be combined with --model-control-mode explicit: a load or unload call reaches "
                 "only the one worker that answers it, so workers would serve different models; use one worker, or "

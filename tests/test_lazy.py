@@ -204,7 +204,9 @@ def failing_slow_model() -> object:
 
 def test_a_failed_load_answers_every_waiting_request_and_is_retried_by_a_later_one(tmp_path):
     repo = tmp_path / "models"
-    save(failing_slow_model(), repo, "flaky", config="max_batch_size: 8\n")
+    # the config asks for the warmup, so its failure is a load failure (an implicit one only warns)
+    save(failing_slow_model(), repo, "flaky", config='max_batch_size: 8\nmodel_warmup [ { name: "w" batch_size: 1 '
+         'inputs { key: "x" value { data_type: TYPE_FP32 dims: [ 1 ] zero_data: true } } } ]\n')
     server = Server(repo, *LAZY)
     stub = _stub(server)
     one = request("flaky", x=np.ones((1, 1), np.float32))
@@ -223,6 +225,7 @@ def test_a_failed_load_answers_every_waiting_request_and_is_retried_by_a_later_o
     assert not stub.ModelReady(pb.ModelReadyRequest(name="flaky")).ready
     assert _metric(server, "deepserve_model_load_failures_total", "flaky") == 1.0
     # Fixed on disk: the next request loads it.
+    (repo / "flaky" / "config.pbtxt").write_text("max_batch_size: 8\n")
     publish(add_sub_model(), repo, "flaky", 2)
     assert _sum(stub, "flaky") == 2.0
     assert _metric(server, "deepserve_model_load_failures_total", "flaky") == 1.0
