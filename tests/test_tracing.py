@@ -114,19 +114,24 @@ def repo(tmp_path_factory):
 
 
 def start(repo, *flags: str, env: dict | None = None) -> support.Server:
-    return support.Server(repo, "--http-port", "0", *flags, env=env)
+    return support.Server(repo, *flags, env=env)
 
 
 @pytest.fixture(scope="module")
-def traced(repo, collector):
+def traced_server(repo, collector):
     """Every request traced; exporter and resource from flags and OTEL_* variables together."""
     s = start(repo, "--trace-config", "mode=opentelemetry", "--trace-config", "rate=1",
               "--trace-config", f"opentelemetry,url={collector.url}",
               "--trace-config", "opentelemetry,bsp_schedule_delay=50",
               env={"OTEL_SERVICE_NAME": "deepserve-test", "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=ci"})
-    with s.channel() as ch:
-        yield inference_pb2_grpc.GRPCInferenceServiceStub(ch)
+    yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def traced(traced_server):
+    with traced_server.channel() as ch:
+        yield inference_pb2_grpc.GRPCInferenceServiceStub(ch)
 
 
 def test_spans_continue_the_callers_trace(traced, collector):
@@ -149,6 +154,34 @@ def test_spans_continue_the_callers_trace(traced, collector):
     assert server.start_time_unix_nano <= q.start_time_unix_nano <= q.end_time_unix_nano <= c.start_time_unix_nano
     assert c.end_time_unix_nano <= children["encode"].start_time_unix_nano <= server.end_time_unix_nano
     assert resource["service.name"] == "deepserve-test" and resource["deployment.environment"] == "ci"
+
+
+def test_http_requests_continue_the_callers_trace_too(traced_server, collector):
+    """The same spans over HTTP/REST: the traceparent header continues the caller's trace, protocol says http,
+    and a malformed body fails the span with the front end's own error."""
+    import http.client
+    import json
+
+    trace_id, bad_id = "5bf92f3577b34da6a3ce929d0e0e4736", "6bf92f3577b34da6a3ce929d0e0e4736"
+    conn = http.client.HTTPConnection("127.0.0.1", traced_server.http_port, timeout=30)
+    body = {"id": "http-1", "inputs": [{"name": n, "datatype": "FP32", "shape": [2, 4], "data": [0.5] * 8}
+                                       for n in ("x", "y")]}
+    conn.request("POST", "/v2/models/add_sub/infer", json.dumps(body),
+                 {"traceparent": f"00-{trace_id}-{PARENT_ID}-01", "Content-Type": "application/json"})
+    assert conn.getresponse().read() and True
+    conn.request("POST", "/v2/models/add_sub/infer", b"{not json", {"traceparent": f"00-{bad_id}-{PARENT_ID}-01"})
+    assert conn.getresponse().status == 400
+    conn.close()
+    spans = collector.wait(lambda ss: len([s for _, s in ss if s.trace_id.hex() == trace_id]) == 4
+                           and any(s.trace_id.hex() == bad_id for _, s in ss))
+    [server] = [s for _, s in spans if s.trace_id.hex() == trace_id and s.name == "ModelInfer"]
+    assert server.parent_span_id.hex() == PARENT_ID
+    assert attributes(server) == {"model_name": "add_sub", "model_version": "1", "protocol": "http",
+                                  "request_id": "http-1", "batch_size": 2, "status": "OK"}
+    assert sorted(s.name for _, s in spans if s.trace_id.hex() == trace_id) == ["ModelInfer", "compute", "encode",
+                                                                                 "queue"]
+    [failed] = [s for _, s in spans if s.trace_id.hex() == bad_id]
+    assert failed.status.code == ERROR and "not valid JSON" in failed.status.message
 
 
 def test_without_traceparent_a_new_trace_starts(traced, collector):
@@ -229,7 +262,7 @@ def test_rate_samples_one_in_n_and_callers_decide_for_their_traces(repo, collect
         infer(stub, "rate-now")
     s.stop()
     spans = collector.wait(lambda ss: servers_spans(ss, request_id="rate-now"))
-    got = {attributes(sp)["request_id"] for sp in servers_spans(spans)}
+    got = {attributes(sp).get("request_id", "") for sp in servers_spans(spans)}
     got = {rid for rid in got if rid.startswith("rate")}
     assert got == {"rate-3", "rate-6", "rate-sampled", "rate-now"}
 
