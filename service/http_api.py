@@ -192,6 +192,8 @@ class HttpApi:
     async def infer(self, req: Request) -> Reply:
         request = http_codec.to_request(req.params["model"], req.params.get("version", ""), req.body,
                                         req.headers.get(http_codec.HEADER_LENGTH))
+        if request.id:  # an INTERNAL answer names the request's own id, as on gRPC (dispatch reads it here)
+            req.headers.setdefault("x-request-id", request.id)
         body, header_length = http_codec.from_response(await self.dataplane.infer(request))
         if header_length is None:
             return Reply(200, body)
