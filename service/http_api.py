@@ -140,6 +140,9 @@ class HttpApi:
         if len(out) > self.max_body or inflater.unconsumed_tail:
             raise PayloadTooLarge(f"the decompressed body is over the server's limit of {self.max_body} bytes "
                                   "(--max-message-bytes)")
+        if not inflater.eof:  # zlib hands back what it could of a cut-off stream without an error
+            raise InvalidArgument(f"the {encoding} body cannot be decompressed: it ends before the compressed "
+                                  "stream does (truncated)")
         req.body = out
 
     @staticmethod
