@@ -36,6 +36,9 @@ _METADATA = {"type": "object", "required": ["name", "versions", "platform", "inp
     "platform": {"type": "string"}, "inputs": {"type": "array", "items": _TENSOR_META},
     "outputs": {"type": "array", "items": _TENSOR_META}}}
 _OBJECT = {"type": "object"}
+_READY = {"type": "object", "required": ["ready"], "properties": {"name": {"type": "string"},
+                                                                  "ready": {"type": "boolean"}}}
+_LIVE = {"type": "object", "required": ["live"], "properties": {"live": {"type": "boolean"}}}
 _BODIES = {  # endpoint prefix -> (request body schema or None, 200 reply schema or None)
     "infer": (_INFER_REQUEST, _INFER_RESPONSE),
     "model_metadata": (None, _METADATA),
@@ -48,7 +51,11 @@ _BODIES = {  # endpoint prefix -> (request body schema or None, 200 reply schema
                              "state": {"type": "string"}, "reason": {"type": "string"}}}}),
     "repository_load": ({"type": "object", "properties": {"parameters": {"type": "object"}}}, None),
     "repository_unload": ({"type": "object", "properties": {"parameters": _PARAMS}}, None),
+    "health_live": (None, _LIVE),
+    "health_ready": (None, _READY),
+    "model_ready": (None, _READY),
 }
+_NOT_READY = ("health_", "model_ready")  # these answer 400 with their own body ({"ready": false}), not an error
 
 
 def document(routes) -> dict:
@@ -60,12 +67,21 @@ def document(routes) -> dict:
         body, reply = next((v for k, v in _BODIES.items() if r.endpoint.startswith(k)), (None, _OBJECT))
         responses = {"200": {"description": "OK", **({"content": {"application/json": {"schema": reply}}}
                                                    if reply else {})},
-                     "400": {"description": "Bad request or not ready",
+                     "400": {"description": "Not ready", "content": {"application/json": {"schema": reply}}}
+                     if r.endpoint.startswith(_NOT_READY) else
+                     {"description": "Bad request or not ready", "content": {"application/json": {"schema": _ERROR}}},
+                     "401": {"description": "Missing or invalid bearer token (--auth-token-file)",
                              "content": {"application/json": {"schema": _ERROR}}},
                      "404": {"description": "Unknown model, version or endpoint",
                              "content": {"application/json": {"schema": _ERROR}}},
                      "503": {"description": "Unavailable: not ready, busy or shutting down",
                              "content": {"application/json": {"schema": _ERROR}}}}
+        if body is not None:
+            responses["413"] = {"description": "Body over --max-message-bytes",
+                                "content": {"application/json": {"schema": _ERROR}}}
+        if r.endpoint.startswith("infer"):
+            responses["500"] = {"description": "The model failed at run time (the message has the request id)",
+                                "content": {"application/json": {"schema": _ERROR}}}
         op = {"operationId": r.endpoint, "summary": r.summary, "parameters": params, "responses": responses}
         if body is not None:
             op["requestBody"] = {"required": r.endpoint.startswith("infer"),
