@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import re
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -151,7 +152,8 @@ class HttpApi:
         accept = req.headers.get("accept-encoding", "")
         if not accept or len(reply.body) < 64:
             return reply
-        offered = {a.split(";")[0].strip().lower() for a in accept.split(",")}
+        offered = {a.split(";")[0].strip().lower() for a in accept.split(",")
+                   if not re.search(r";\s*q\s*=\s*0(\.0*)?\s*$", a)}  # q=0: "not acceptable" (RFC 9110)
         if "gzip" in offered:
             zc = zlib.compressobj(1, zlib.DEFLATED, zlib.MAX_WBITS | 16)
             encoding = "gzip"
