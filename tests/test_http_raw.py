@@ -111,8 +111,10 @@ def test_compressed_reply_on_accept_encoding(http, accept):
     assert status == 200 and headers["content-encoding"] == encoding
     plain = gzip.decompress(data) if encoding == "gzip" else zlib.decompress(data)
     assert json.loads(plain)["outputs"][0]["data"][:2] == [2.0, 4.0]
-    status, headers, data = http.send("GET", "/v2/models/add_sub", headers={"Accept-Encoding": "identity"})
-    assert status == 200 and "content-encoding" not in headers
+    for refused in ("identity", "gzip;q=0, deflate;q=0.0", "gzip; q=0"):  # q=0: not acceptable
+        status, headers, data = http.send("GET", "/v2/models/add_sub", headers={"Accept-Encoding": refused})
+        assert status == 200 and "content-encoding" not in headers, refused
+        assert json.loads(data)["name"] == "add_sub"
 
 
 MALFORMED = {  # name: (body, headers, status, fragment)
