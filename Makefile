@@ -44,13 +44,15 @@ proto: install
 bench: install
 	$(BIN)/deepserve bench --repository $(REPO) --readme README.md
 
-# Long forms of tests that CI runs short: 10 minutes at concurrency 64 over the example models; 100k fuzz cases.
+# Long forms of tests that CI runs short: 10 minutes at concurrency 64 over the example models; 100k fuzz cases
+# over gRPC, 70k over HTTP.
 soak: install
 	@if ! ls $(REPO)/*/config.pbtxt >/dev/null 2>&1; then $(MAKE) models; fi
 	$(BIN)/pytest -q -s tests/test_soak.py --soak-seconds 600 --soak-repository $(REPO)
 
 fuzz: install
 	FUZZ_EXAMPLES=50000 FUZZ_MUTATIONS=50000 $(BIN)/pytest -q tests/test_fuzz.py
+	HTTP_FUZZ_CASES=20000 HTTP_FUZZ_MUTATIONS=50000 $(BIN)/pytest -q tests/test_http_fuzz.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

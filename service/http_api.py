@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import re
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -141,6 +142,9 @@ class HttpApi:
         if len(out) > self.max_body or inflater.unconsumed_tail:
             raise PayloadTooLarge(f"the decompressed body is over the server's limit of {self.max_body} bytes "
                                   "(--max-message-bytes)")
+        if not inflater.eof:  # zlib hands back what it could of a cut-off stream without an error
+            raise InvalidArgument(f"the {encoding} body cannot be decompressed: it ends before the compressed "
+                                  "stream does (truncated)")
         req.body = out
 
     @staticmethod
@@ -149,7 +153,8 @@ class HttpApi:
         accept = req.headers.get("accept-encoding", "")
         if not accept or len(reply.body) < 64:
             return reply
-        offered = {a.split(";")[0].strip().lower() for a in accept.split(",")}
+        offered = {a.split(";")[0].strip().lower() for a in accept.split(",")
+                   if not re.search(r";\s*q\s*=\s*0(\.0*)?\s*$", a)}  # q=0: "not acceptable" (RFC 9110)
         if "gzip" in offered:
             zc = zlib.compressobj(1, zlib.DEFLATED, zlib.MAX_WBITS | 16)
             encoding = "gzip"
@@ -190,17 +195,23 @@ class HttpApi:
         return json_reply({"model_stats": stats})
 
     # --- inference ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _infer_request(req: Request):
+        request = http_codec.to_request(req.params["model"], req.params.get("version", ""), req.body,
+                                        req.headers.get(http_codec.HEADER_LENGTH))
+        if request.id:  # an INTERNAL answer names the request's own id, as on gRPC (dispatch reads it here)
+            req.headers.setdefault("x-request-id", request.id)
+        return request
+
     async def infer(self, req: Request) -> Reply:
         tracing = self.dataplane.tracing
         trace = tracing.begin(req.params["model"], req.headers, "http") if tracing.on else None
         if trace is None:
-            request = http_codec.to_request(req.params["model"], req.params.get("version", ""), req.body,
-                                            req.headers.get(http_codec.HEADER_LENGTH))
+            request = self._infer_request(req)
             body, header_length = http_codec.from_response(await self.dataplane.infer(request))
         else:
             with trace:  # ends the span with the status, also when decoding fails
-                request = http_codec.to_request(req.params["model"], req.params.get("version", ""), req.body,
-                                                req.headers.get(http_codec.HEADER_LENGTH))
+                request = self._infer_request(req)
                 response = await self.dataplane.infer(request, trace)
                 with trace.encoding():
                     body, header_length = http_codec.from_response(response)

@@ -97,7 +97,9 @@ def _too_large(limit: int) -> Reply:
 
 
 async def _send(send, reply: Reply) -> None:
-    headers = [(b"content-type", reply.content_type.encode()), (b"content-length", str(len(reply.body)).encode())]
+    headers = [(b"content-length", str(len(reply.body)).encode())]
+    if reply.body:  # an empty reply (load, unload, register: as Triton) claims no content type
+        headers.append((b"content-type", reply.content_type.encode()))
     headers += [(k.encode(), v.encode()) for k, v in reply.headers.items()]
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     await send({"type": "http.response.body", "body": reply.body})

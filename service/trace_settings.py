@@ -184,7 +184,8 @@ class TraceSettings:
         Every value is checked before any is applied, so a refused request changes nothing."""
         parsed = {}
         for key, value in changes.items():
-            values = [] if value is None else [value] if isinstance(value, str) else list(value)
+            values = [] if value is None else [value] if isinstance(value, str) else \
+                list(value) if isinstance(value, list | tuple) else [value]
             if not all(isinstance(v, str) for v in values):
                 raise InvalidArgument(f"trace setting {key}: expected a string or a list of strings, got {value!r}")
             if key == "trace_file":

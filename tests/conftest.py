@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import support
+from protocols import PROTOCOLS, connect
 
 ALL_TYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32",
              "FP64", "BYTES"]
@@ -115,6 +116,38 @@ def server(repository):
     s = support.Server(repository, "--no-strict-readiness")
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def seq_server(tmp_path_factory):
+    """The stateful RNN cell (64 live sequences, freed after 0.4 s idle): (server, the cell's weights)."""
+    repo = tmp_path_factory.mktemp("seq") / "models"
+    model, weights = support.rnn_cell_model()
+    support.save(model, repo, "cell", config=support.SEQUENCE_CONFIG % (400_000, 64))
+    s = support.Server(repo)
+    yield s, weights
+    s.stop()
+
+
+@pytest.fixture(params=PROTOCOLS)
+def protocol(request) -> str:
+    """Each protocol test runs once per front end: grpc, http."""
+    return request.param
+
+
+@pytest.fixture
+def client(server, protocol):
+    """A protocol-neutral client (tests/protocols.py) of the shared server."""
+    c = connect(server, protocol)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def edge_client(edge_server, protocol):
+    c = connect(edge_server, protocol)
+    yield c
+    c.close()
 
 
 @pytest.fixture

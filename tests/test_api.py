@@ -1,4 +1,5 @@
-"""Every RPC of the Open Inference Protocol through a real server process and our own stubs."""
+"""Every RPC of the Open Inference Protocol through a real server process and our own stubs; the datatype and
+classification tests over both front ends (tests/protocols.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from conftest import ALL_TYPES, TYPED_TYPES
+from protocols import encode, raw
 from support import outputs, request
 
 from service._proto import inference_pb2 as pb
@@ -73,7 +75,21 @@ def _check_round_trip(reply, arrays: dict[str, np.ndarray]) -> None:
         np.testing.assert_array_equal(out, want)
 
 
-def test_every_datatype_round_trips_raw(stub):
+@pytest.mark.parametrize("protocol", ["grpc", "http", "http-json"])
+def test_every_datatype_round_trips(client):
+    """Raw on gRPC, binary tensor data and JSON `data` on HTTP: every datatype comes back as it went."""
+    arrays = _samples(ALL_TYPES)
+    answer = client.infer("identity", [encode(client, name, a) for name, a in arrays.items()])
+    assert answer.kind == "OK", answer
+    assert sorted(answer.outputs) == sorted(n.replace("in_", "out_") for n in arrays)
+    for name, want in arrays.items():
+        out = answer.outputs[name.replace("in_", "out_")]
+        assert answer.datatypes[name.replace("in_", "out_")] == name.removeprefix("in_")
+        assert out.dtype == want.dtype and out.shape == want.shape, (name, out.dtype, out.shape)
+        np.testing.assert_array_equal(out, want)
+
+
+def test_replies_are_raw_on_grpc(stub):
     arrays = _samples(ALL_TYPES)
     _check_round_trip(stub.ModelInfer(request("identity", **arrays)), arrays)
 
@@ -117,13 +133,11 @@ def test_versions_and_policy(stub):
     assert outputs(stub.ModelInfer(request("versioned", "1", x=x, y=x)))["sum"][0, 0] == 2.0
 
 
-def test_classification_extension(stub):
+def test_classification_extension(client):
     x = np.array([[0.1, 0.9, 0.3, 0.2]], np.float32)
-    req = request("add_sub", x=x, y=np.zeros_like(x))
-    req.outputs.add(name="sum").parameters["classification"].int64_param = 2
-    reply = stub.ModelInfer(req)
-    assert reply.outputs[0].datatype == "BYTES" and list(reply.outputs[0].shape) == [1, 2]
-    assert [c.decode() for c in outputs(reply)["sum"][0]] == ["0.900000:1:b", "0.300000:2:c"]
+    answer = client.infer("add_sub", [raw("x", x), raw("y", np.zeros_like(x))], {"sum": {"classification": 2}})
+    assert answer.datatypes == {"sum": "BYTES"} and answer.outputs["sum"].shape == (1, 2), answer
+    assert [c.decode() for c in answer.outputs["sum"][0]] == ["0.900000:1:b", "0.300000:2:c"]
 
 
 def _stats(stub, name: str):

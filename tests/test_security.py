@@ -1,14 +1,19 @@
-"""Refusing strangers: bearer tokens, TLS and mutual TLS (with tritonclient ssl=True), message size limits."""
+"""Refusing strangers: bearer tokens, TLS and mutual TLS (with tritonclient ssl=True), message size and in-flight
+limits; tokens and limits over both protocols."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 import pytest
-from support import Server, add_sub_model, outputs, request, save
+from protocols import HttpClient, connect, raw
+from support import Server, add_sub_model, outputs, request, save, slow_model
 
 from service._proto import inference_pb2 as pb
 from service._proto import inference_pb2_grpc
@@ -23,26 +28,30 @@ def repo(tmp_path_factory):
     return r
 
 
-def test_token_auth(repo, tmp_path):
-    tokens = tmp_path / "tokens"
+@pytest.fixture(scope="module")
+def token_server(repo, tmp_path_factory):
+    tokens = tmp_path_factory.mktemp("tokens") / "tokens"
     tokens.write_text("first-secret\n\nsecond-secret\n")
     server = Server(repo, "--auth-token-file", str(tokens), wait_ready=False)
-    ch = server.channel()
+    server.wait_log("ready:")
+    yield server
+    server.stop()
+
+
+def _inferences(stub, metadata) -> int:
+    return stub.ModelStatistics(pb.ModelStatisticsRequest(name="m"), metadata=metadata).model_stats[0].inference_count
+
+
+def test_token_auth(token_server):
+    ch = token_server.channel()
     stub = inference_pb2_grpc.GRPCInferenceServiceStub(ch)
     good = [("authorization", "Bearer second-secret")]
     try:
-        import time
-
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # health is open: Kubernetes probes carry no token
-            try:
-                if health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest()).status == 1:
-                    break
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
+        # health is open: Kubernetes probes carry no token
+        assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest()).status == 1
+        count = _inferences(stub, good)
         for meta in (None, [("authorization", "Bearer wrong")], [("authorization", "second-secret")],
                      [("authorization", "Bearer ")]):
             with pytest.raises(grpc.RpcError) as err:
@@ -51,14 +60,40 @@ def test_token_auth(repo, tmp_path):
             with pytest.raises(grpc.RpcError) as err:
                 stub.ServerMetadata(pb.ServerMetadataRequest(), metadata=meta)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="m"), metadata=good).model_stats[0]
-        assert stats.inference_stats.fail.count == 0 and stats.inference_count == 0  # the model was never touched
+        assert _inferences(stub, good) == count  # the model was never touched
         assert outputs(stub.ModelInfer(request("m", x=X, y=X), metadata=good))["sum"][0, 0] == 2.0
         first = [("authorization", "Bearer first-secret")]
         assert stub.ServerLive(pb.ServerLiveRequest(), metadata=first).live
     finally:
         ch.close()
-        server.stop()
+
+
+def test_token_auth_over_both_protocols(token_server, protocol):
+    """No token or a wrong one: UNAUTHENTICATED on gRPC, 401 (with WWW-Authenticate) on HTTP, for inference and
+    metadata alike, and the model is never reached; either accepted token serves."""
+    stub = inference_pb2_grpc.GRPCInferenceServiceStub(token_server.channel())
+    good = [("authorization", "Bearer first-secret")]
+    count = _inferences(stub, good)
+    for token in (None, "wrong", "first-secret-but-longer"):
+        client = connect(token_server, protocol, token)
+        answer = client.infer("m", [raw("x", X), raw("y", X)])
+        assert (answer.kind, answer.status) == ("UNAUTHENTICATED", client.status_of("UNAUTHENTICATED")), answer
+        assert "bearer token" in answer.message
+        assert client.server_metadata().status == client.status_of("UNAUTHENTICATED")
+        client.close()
+    assert _inferences(stub, good) == count
+    for token in ("first-secret", "second-secret"):
+        client = connect(token_server, protocol, token)
+        assert client.infer("m", [raw("x", X), raw("y", X)]).outputs["sum"][0, 0] == 2.0
+        assert client.server_metadata().kind == "OK"
+        client.close()
+    if protocol == "http":  # --open-health (the default): the probes' endpoints answer without a token
+        client = HttpClient(token_server.http_url)
+        for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/m/ready"):
+            assert client.send("GET", path)[0] == 200, path
+        status, headers, body = client.send("GET", "/v2/models/m")
+        assert status == 401 and headers["www-authenticate"] == "Bearer" and b"bearer token" in body
+        client.close()
 
 
 def test_closed_health_and_the_streaming_rpc_need_the_token(repo, tmp_path):
@@ -161,16 +196,49 @@ def test_tls_and_mutual_tls_with_tritonclient(repo, tmp_path):
         mtls.stop()
 
 
-def test_message_size_limit(repo):
-    server = Server(repo, "--max-message-bytes", str(1 << 20))
-    stub = inference_pb2_grpc.GRPCInferenceServiceStub(server.channel())
+@pytest.fixture(scope="module")
+def limits_server(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("limits") / "models"
+    save(add_sub_model(), repo, "m", config="max_batch_size: 8\n")
+    save(slow_model(n=1000, reps=60), repo, "slow", config="max_batch_size: 1\n")  # ~0.5 s a run
+    server = Server(repo, "--max-message-bytes", str(1 << 20), "--max-inflight", "1")
+    yield server
+    server.stop()
+
+
+def test_message_size_limit(limits_server, protocol):
+    """A request over --max-message-bytes: RESOURCE_EXHAUSTED on gRPC, 413 on HTTP; the next one is served."""
+    client = connect(limits_server, protocol)
     try:
         big = np.ones((8, 4), np.float32)
-        req = request("m", x=big, y=big)
-        req.parameters["padding"].string_param = "x" * (2 << 20)
-        with pytest.raises(grpc.RpcError) as err:
-            stub.ModelInfer(req)
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert outputs(stub.ModelInfer(request("m", x=X, y=X)))["sum"][0, 0] == 2.0
+        answer = client.infer("m", [raw("x", big), raw("y", big)], params={"padding": "x" * (2 << 20)})
+        assert answer.status == {"grpc": grpc.StatusCode.RESOURCE_EXHAUSTED, "http": 413}[protocol], answer
+        if protocol == "http":
+            assert f"limit of {1 << 20} bytes (--max-message-bytes)" in answer.message
+        assert client.infer("m", [raw("x", X), raw("y", X)]).outputs["sum"][0, 0] == 2.0
     finally:
-        server.stop()
+        client.close()
+
+
+def _pending(server, model: str) -> float:
+    prefix = f'deepserve_pending_requests{{model="{model}",version="1"}} '
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    return next((float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix)), 0.0)
+
+
+def test_max_inflight_over_both_protocols(limits_server, protocol):
+    """--max-inflight 1: while one slow request runs, the next is refused at once (UNAVAILABLE / 503) on either
+    protocol, whichever protocol the running one came by."""
+    one = [raw("x", np.ones((1, 1), np.float32))]
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(lambda: connect(limits_server, "grpc").infer("slow", one))
+        deadline = time.monotonic() + 30
+        while _pending(limits_server, "slow") < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        client = connect(limits_server, protocol)
+        answer = client.infer("m", [raw("x", X), raw("y", X)])
+        assert (answer.kind, answer.status) == ("UNAVAILABLE", client.status_of("UNAVAILABLE")), answer
+        assert "--max-inflight" in answer.message
+        assert running.result(60).kind == "OK"
+    assert client.infer("m", [raw("x", X), raw("y", X)]).kind == "OK"
+    client.close()

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
+from protocols import connect, raw
 from support import SEQUENCE_CONFIG, Server, outputs, request, rnn_cell_model, save
 
 from service._proto import inference_pb2 as pb
@@ -24,16 +25,6 @@ def reference(seq: np.ndarray, weights) -> np.ndarray:
     for x in seq:
         h = np.tanh(np.array([[x]], np.float32) @ w + h @ u)
     return (h @ v)[0]
-
-
-@pytest.fixture(scope="module")
-def seq_server(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("seq") / "models"
-    model, weights = rnn_cell_model()
-    save(model, repo, "cell", config=SEQUENCE_CONFIG % (400_000, 64))
-    s = Server(repo)
-    yield s, weights
-    s.stop()
 
 
 def step(sid, x, start=False, end=False, model="cell"):
@@ -67,42 +58,56 @@ def test_interleaved_sequences_match_the_whole_sequence_computation(seq_server):
     seqs["text-id"] = rng.standard_normal(10).astype(np.float32)
     with server.channel() as ch, ThreadPoolExecutor(24) as pool:
         stub = inference_pb2_grpc.GRPCInferenceServiceStub(ch)
+        before = stub.ModelStatistics(pb.ModelStatisticsRequest(name="cell")).model_stats[0]  # a shared server
         finals = dict(zip(seqs, pool.map(lambda k: run_sequence(stub, k, seqs[k]), seqs), strict=True))
         stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="cell")).model_stats[0]
     worst = max(float(np.abs(finals[k] - reference(seqs[k], weights)).max()) for k in seqs)
     assert worst <= 1e-5
     steps = sum(len(s) for s in seqs.values())
-    assert stats.inference_count == steps and stats.execution_count < steps  # steps of different sequences merged
+    assert stats.inference_count - before.inference_count == steps
+    assert stats.execution_count - before.execution_count < steps  # steps of different sequences merged
 
 
-def test_sequence_errors(seq_server):
-    server, _ = seq_server
-    stub = inference_pb2_grpc.GRPCInferenceServiceStub(server.channel())
+def _step(sid, x: float, start: bool = False, end: bool = False) -> dict:
+    """One step as protocol-neutral arguments: sequence control as request parameters on both protocols."""
+    return {"model": "cell", "inputs": [raw("x_t", np.array([[x]], np.float32))],
+            "params": {"sequence_id": sid, "sequence_start": start, "sequence_end": end}}
 
-    def code(req):
-        with pytest.raises(grpc.RpcError) as err:
-            stub.ModelInfer(req)
-        return err.value.code(), err.value.details()
 
-    c, msg = code(request("cell", x_t=np.ones((1, 1), np.float32)))
-    assert c == grpc.StatusCode.INVALID_ARGUMENT and "sequence_id" in msg
-    c, msg = code(step(987654, 0.5))
-    assert c == grpc.StatusCode.INVALID_ARGUMENT and "not live" in msg
-    stub.ModelInfer(step(555, 0.1, start=True))
-    stub.ModelInfer(step(555, 0.2, end=True))
-    c, msg = code(step(555, 0.3))  # ended
-    assert c == grpc.StatusCode.INVALID_ARGUMENT and "not live" in msg
-    stub.ModelInfer(step(556, 0.1, start=True))
-    time.sleep(1.2)  # idle past max_sequence_idle_microseconds (0.4 s): freed
-    c, msg = code(step(556, 0.2))
-    assert c == grpc.StatusCode.INVALID_ARGUMENT and "idle" in msg
-    bad = step(557, 0.1, start=True)
-    bad.parameters["sequence_id"].string_param = ""
-    assert code(bad)[0] == grpc.StatusCode.INVALID_ARGUMENT
-    two = request("cell", x_t=np.ones((2, 1), np.float32))
-    two.parameters["sequence_id"].int64_param = 9
-    two.parameters["sequence_start"].bool_param = True
-    assert "batch size 1" in code(two)[1]
+def test_sequences_and_their_errors(seq_server, protocol):
+    server, weights = seq_server
+    client = connect(server, protocol)
+    base = 1000 if protocol == "grpc" else 2000  # the two runs share the server: their ids must not meet
+    try:
+        seqs = {base + 1: [0.5, -1.0, 0.25], f"text-{protocol}": [0.1, 0.2, 0.3, -0.4]}
+        for t in range(4):  # interleaved step by step
+            for sid, seq in seqs.items():
+                if t < len(seq):
+                    answer = client.infer(**_step(sid, seq[t], t == 0, t == len(seq) - 1))
+                    assert answer.kind == "OK", answer
+                    if t == len(seq) - 1:
+                        np.testing.assert_allclose(answer.outputs["y"][0], reference(np.array(seq, np.float32),
+                                                                                     weights), atol=1e-5)
+
+        def refused(request: dict) -> str:
+            answer = client.infer(**request)
+            assert answer.status == client.status_of("INVALID_ARGUMENT"), answer
+            return answer.message
+
+        assert "sequence_id" in refused({"model": "cell", "inputs": [raw("x_t", np.ones((1, 1), np.float32))]})
+        assert "not live" in refused(_step(base + 987654, 0.5))
+        assert client.infer(**_step(base + 555, 0.1, start=True)).kind == "OK"
+        assert client.infer(**_step(base + 555, 0.2, end=True)).kind == "OK"
+        assert "not live" in refused(_step(base + 555, 0.3))  # ended
+        assert client.infer(**_step(base + 556, 0.1, start=True)).kind == "OK"
+        time.sleep(1.2)  # idle past max_sequence_idle_microseconds (0.4 s): freed
+        assert "idle" in refused(_step(base + 556, 0.2))
+        refused(_step("", 0.1, start=True))
+        two = _step(base + 9, 0.0, start=True)
+        two["inputs"] = [raw("x_t", np.ones((2, 1), np.float32))]
+        assert "batch size 1" in refused(two)
+    finally:
+        client.close()
 
 
 def test_live_sequence_cap(tmp_path):

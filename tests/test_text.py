@@ -5,10 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import grpc
 import numpy as np
 import pytest
-from support import ROOT, Server, outputs, request, save, seq_model
+from protocols import connect, raw, typed
+from support import ROOT, Server, save, seq_model
 
 from service._proto import inference_pb2 as pb
 from service._proto import inference_pb2_grpc
@@ -44,31 +44,37 @@ def test_text_is_encoded_padded_and_truncated(text_server):
     stub = inference_pb2_grpc.GRPCInferenceServiceStub(text_server.channel())
     md = stub.ModelMetadata(pb.ModelMetadataRequest(name="bytesum"))
     assert ("text", "BYTES", [-1, 1]) in [(t.name, t.datatype, list(t.shape)) for t in md.inputs]
+
+
+def test_raw_text_over_both_protocols(text_server, protocol):
+    client = connect(text_server, protocol)
     texts = [b"ab", "\u00e9t\u00e9".encode(), b"", b"abcdefgh"]
-    for shape in ((4,), (4, 1)):
-        got = outputs(stub.ModelInfer(request("bytesum", text=np.array(texts, dtype=object).reshape(shape))))
-        assert got["total"][:, 0].tolist() == [expected(t) for t in texts]
-    typed = outputs(stub.ModelInfer(request("bytesum", raw=False, text=np.array([b"ab"], dtype=object))))
-    assert typed["total"][0, 0] == expected(b"ab")
-    # the token input still works on its own
-    tok = outputs(stub.ModelInfer(request("bytesum", tokens=np.array([[98, 99]], np.int64))))
-    assert tok["total"][0, 0] == 197.0
+    try:
+        for shape in ((4,), (4, 1)):
+            got = client.infer("bytesum", [raw("text", np.array(texts, dtype=object).reshape(shape))])
+            assert got.outputs["total"][:, 0].tolist() == [expected(t) for t in texts], got
+        typed_text = client.infer("bytesum", [typed("text", np.array([b"ab"], dtype=object))])  # JSON data on HTTP
+        assert typed_text.outputs["total"][0, 0] == expected(b"ab")
+        # the token input still works on its own
+        tok = client.infer("bytesum", [raw("tokens", np.array([[98, 99]], np.int64))])
+        assert tok.outputs["total"][0, 0] == 197.0
+
+        def details(model: str, inputs) -> str:
+            answer = client.infer(model, inputs)
+            assert answer.status == client.status_of("INVALID_ARGUMENT"), answer
+            return answer.message
+
+        assert "not valid UTF-8" in details("bytesum", [raw("text", np.array([b"\xff\xfe"], dtype=object))])
+        assert "over the model's 4" in details("strict", [raw("text", np.array([b"abcdefgh"], dtype=object))])
+        assert "[batch] or [batch,1]" in details("bytesum", [raw("text", np.array([[b"a", b"b"]], dtype=object))])
+        assert "not both" in details("bytesum", [raw("text", np.array([b"a"], dtype=object)),
+                                                 raw("tokens", np.ones((1, 1), np.int64))])
+    finally:
+        client.close()
 
 
-def test_bad_text(text_server):
+def test_bad_text_encoding_is_a_load_error(text_server):
     stub = inference_pb2_grpc.GRPCInferenceServiceStub(text_server.channel())
-
-    def details(req):
-        with pytest.raises(grpc.RpcError) as err:
-            stub.ModelInfer(req)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        return err.value.details()
-
-    assert "not valid UTF-8" in details(request("bytesum", text=np.array([b"\xff\xfe"], dtype=object)))
-    assert "over the model's 4" in details(request("strict", text=np.array([b"abcdefgh"], dtype=object)))
-    assert "[batch] or [batch,1]" in details(request("bytesum", text=np.array([[b"a", b"b"]], dtype=object)))
-    assert "not both" in details(request("bytesum", text=np.array([b"a"], dtype=object),
-                                         tokens=np.ones((1, 1), np.int64)))
     reasons = {m.name: m.reason for m in stub.RepositoryIndex(pb.RepositoryIndexRequest()).models}
     assert "text_encoding 'sentencepiece'" in reasons["badenc"]
 
