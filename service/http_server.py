@@ -17,13 +17,13 @@ import socket
 import orjson
 import uvicorn
 
-from service.http_api import ROUTES, UNIMPLEMENTED_PREFIXES, HttpApi, Reply, Request, Route
+from service.http_api import CONSOLE_ROUTES, ROUTES, UNIMPLEMENTED_PREFIXES, HttpApi, Reply, Request, Route
 from service.settings import Settings
 
 log = logging.getLogger("deepserve.http")
 _STATIC: dict[tuple[str, str], Route] = {}  # paths without parameters: one dict lookup
 _PATTERNS: dict[tuple[str, int], list[tuple[list[str], Route]]] = {}  # (method, segments) -> [(segments, route)]
-for _r in ROUTES:
+for _r in ROUTES + CONSOLE_ROUTES:
     if "{" not in _r.path:
         _STATIC[(_r.method, _r.path)] = _r
     else:
