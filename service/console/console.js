@@ -99,7 +99,7 @@ async function loadModels() {
   let index;
   try {
     const [server, entries] = await Promise.all([api("GET", "/v2"), api("POST", "/v2/repository/index", {})]);
-    $("#server").textContent = `${server.name} ${server.version}`;
+    $("#server").textContent = server.version;
     index = entries;
   } catch (exc) {
     box.replaceChildren(errorBox("Models", exc));
