@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import ssl
 import struct
+import subprocess
 import urllib.error
 import urllib.request
 import zlib
@@ -154,10 +156,10 @@ def server(repo):
     s.stop()
 
 
-def get(url: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+def get(url: str, headers: dict | None = None, context: ssl.SSLContext | None = None) -> tuple[int, dict, bytes]:
     req = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=10) as r:
+        with urllib.request.urlopen(req, timeout=10, context=context) as r:
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as exc:
         return exc.code, dict(exc.headers), exc.read()
@@ -229,8 +231,8 @@ def browser():
 class Console:
     """A page on the console with every console error and uncaught exception collected."""
 
-    def __init__(self, browser, url: str, viewport: dict = DESKTOP) -> None:
-        self.context = browser.new_context(viewport=viewport)
+    def __init__(self, browser, url: str, viewport: dict = DESKTOP, **context) -> None:
+        self.context = browser.new_context(viewport=viewport, **context)
         self.page = self.context.new_page()
         self.page.set_default_timeout(15000)
         self.errors: list[str] = []
@@ -319,6 +321,16 @@ def test_draw_a_digit(console, tmp_path):
         expected[:6, k] = [14, 16, 16, 16, 16, 14]
         assert counts == expected.ravel().tolist()
     assert len(page.locator(".result ol.top li").all()) == 3
+    # by keyboard: the cursor starts at the middle sub-pixel (16, 16), in column 4 of the 8x8 grid
+    page.get_by_role("button", name="Clear").click()
+    page.locator("#brush").select_option("0")
+    page.locator("canvas.draw").focus()
+    page.keyboard.press("Space")
+    for _ in range(3):
+        page.keyboard.press("Shift+ArrowDown")
+    page.wait_for_function("() => document.querySelector('.result li.best')?.dataset.index === '4'")
+    assert page.locator("canvas.preview").get_attribute("data-counts") == ",".join(
+        "4" if (r, c) == (4, 4) else "0" for r in range(8) for c in range(8))  # sub-pixels (16..19, 16)
 
 
 def draw_counts(page, counts: np.ndarray) -> None:
@@ -506,16 +518,23 @@ def test_phone_layout(browser, server, tmp_path):
         assert c.close() == []
 
 
-def test_token_auth(browser, repo, tmp_path):
-    tokens = tmp_path / "tokens"
-    tokens.write_text("s3cret\n")
-    s = Server(repo, "--no-strict-readiness", "--auth-token-file", str(tokens), wait_ready=False)
-    c = Console(browser, s.http_url)
+def test_token_auth_over_tls(browser, repo, tmp_path):
+    """With --auth-token-file and TLS the page loads (its static files are open), says it needs a token, and works
+    once one is given; the card and every data call need it."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
+                    "server.pem", "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, cwd=tmp_path)
+    (tmp_path / "tokens").write_text("s3cret\n")
+    s = Server(repo, "--no-strict-readiness", "--auth-token-file", str(tmp_path / "tokens"), "--tls-cert",
+               str(tmp_path / "server.pem"), "--tls-key", str(tmp_path / "server.key"), wait_ready=False)
+    url = s.http_url.replace("http://", "https://")
+    c = Console(browser, url, ignore_https_errors=True)
     try:
         s.wait_log("listening on")
-        assert get(s.http_url + "/")[0] == 200  # the page itself is open; its data calls are not
-        assert get(s.http_url + "/console/models/digits_regions/versions/1/card")[0] == 401
-        c.page.goto(s.http_url + "/")
+        tls = ssl.create_default_context(cafile=str(tmp_path / "server.pem"))
+        assert get(url + "/", context=tls)[0] == 200
+        assert get(url + "/console/models/digits_regions/versions/1/card", context=tls)[0] == 401
+        c.page.goto(url + "/")
         c.page.locator("#status").get_by_text("needs a bearer token").wait_for()
         c.page.locator("#token").fill("s3cret")
         c.page.get_by_role("button", name="Use").click()
