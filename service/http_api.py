@@ -152,9 +152,11 @@ class HttpApi:
 
     @staticmethod
     def _compress(req: Request, reply: Reply) -> Reply:
-        """Compressed replies on Accept-Encoding, as Triton does (gzip preferred)."""
+        """Compressed replies on Accept-Encoding, as Triton does (gzip preferred). Never a streamed reply: only its
+        first chunk is in `body`, and a gzip header over that one chunk with the events after it raw left browsers
+        (and curl --compressed) with the first event only."""
         accept = req.headers.get("accept-encoding", "")
-        if not accept or len(reply.body) < 64:
+        if not accept or reply.stream is not None or len(reply.body) < 64:
             return reply
         offered = {a.split(";")[0].strip().lower() for a in accept.split(",")}
         if "gzip" in offered:
