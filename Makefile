@@ -9,7 +9,7 @@ REPO ?= models
 # torch is installed on its own first, pinned: a bare range could pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test models serve lint proto bench soak fuzz clean
+.PHONY: install browser test models serve lint proto bench soak fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-test: install
+# The console's browser tests drive Debian's chromium through playwright (which never downloads a browser here).
+browser:
+	@[ -x /usr/bin/chromium ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: install browser
 	$(BIN)/pytest -q -ra
 
 models: install

@@ -21,6 +21,7 @@ import orjson
 from google.protobuf import json_format
 
 from service import http_codec, openapi
+from service.console import ARTIFACTS, ASSET_NAMES, SECURITY_HEADERS, Console
 from service.dataplane import DataPlane
 from service.errors import InvalidArgument, NotFound, ServingError, describe
 from service.metrics import Metrics
@@ -77,6 +78,8 @@ class Route:
     summary: str
     handler: Handler
     open: bool = False  # answered without a token (health, with --open-health)
+    public: bool = False  # always answered without a token: the console's static files (its data calls carry one)
+    console: bool = False  # gone with --no-console
 
 
 def _body_json(req: Request, what: str, allow_empty: bool = True) -> dict:
@@ -93,8 +96,10 @@ def _body_json(req: Request, what: str, allow_empty: bool = True) -> dict:
 class HttpApi:
     """The endpoints; a library adapter calls `dispatch` with a Request and sends the Reply."""
 
-    def __init__(self, dataplane: DataPlane, metrics: Metrics, tokens: Tokens | None, max_body: int) -> None:
+    def __init__(self, dataplane: DataPlane, metrics: Metrics, tokens: Tokens | None, max_body: int,
+                 console: Console | None = None) -> None:
         self.dataplane = dataplane
+        self.console = console
         self.metrics = metrics
         self.tokens = tokens
         self.max_body = max_body
@@ -103,8 +108,10 @@ class HttpApi:
 
     async def dispatch(self, route: Route, req: Request) -> Reply:
         t0 = time.perf_counter()
+        if route.console and self.console is None:
+            route = NO_ROUTE
         try:
-            if self.tokens is not None and not (route.open and self.tokens.open_health) and \
+            if self.tokens is not None and not route.public and not (route.open and self.tokens.open_health) and \
                     not self.tokens.accepts(req.headers.get("authorization")):
                 reply = Reply(401, orjson.dumps({"error": "missing or invalid bearer token (header 'Authorization: "
                                                           "Bearer <token>')"}),
@@ -149,9 +156,11 @@ class HttpApi:
 
     @staticmethod
     def _compress(req: Request, reply: Reply) -> Reply:
-        """Compressed replies on Accept-Encoding, as Triton does (gzip preferred)."""
+        """Compressed replies on Accept-Encoding, as Triton does (gzip preferred). Never a streamed reply: only its
+        first chunk is in `body`, and a gzip header over that one chunk with the events after it raw left browsers
+        (and curl --compressed) with the first event only."""
         accept = req.headers.get("accept-encoding", "")
-        if not accept or len(reply.body) < 64:
+        if not accept or reply.stream is not None or len(reply.body) < 64:
             return reply
         offered = {a.split(";")[0].strip().lower() for a in accept.split(",")
                    if not re.search(r";\s*q\s*=\s*0(\.0*)?\s*$", a)}  # q=0: "not acceptable" (RFC 9110)
@@ -342,6 +351,20 @@ class HttpApi:
     async def not_found(self, req: Request) -> Reply:
         raise NotFound(f"{req.method} {req.path}: no such endpoint; see /v2/openapi.json")
 
+    # --- the web console (service/console.py): static files, and the training artifacts beside a version ------
+    async def console_file(self, req: Request) -> Reply:
+        asset = self.console.asset("index.html" if req.path == "/" else req.path.rsplit("/", 1)[1])
+        headers = {"etag": asset.etag, "cache-control": "no-cache", **SECURITY_HEADERS}
+        if req.headers.get("if-none-match") == asset.etag:
+            return Reply(304, b"", asset.content_type, headers)
+        return Reply(200, asset.body, asset.content_type, headers)
+
+    async def console_artifact(self, req: Request) -> Reply:
+        found = self.console.artifact(req.params["model"], req.params["version"], req.path.rsplit("/", 1)[1])
+        if found is None:
+            return Reply(204, b"", "text/plain")
+        return Reply(200, found[0], found[1], {"cache-control": "no-cache", "x-content-type-options": "nosniff"})
+
     async def openapi(self, req: Request) -> Reply:
         if self._openapi is None:
             self._openapi = orjson.dumps(openapi.document(ROUTES))
@@ -406,3 +429,11 @@ for prefix, suffix in ((_M, ""), (_V, "_version")):
         Route("POST", prefix + "/generate_stream", "generate_stream" + suffix, "Generate text, streamed as "
               "server-sent events", HttpApi.generate_stream),
     ]
+NO_ROUTE = Route("*", "", "unknown", "", HttpApi.not_found)
+# The web console: not part of the API (so not in the OpenAPI document), and off with --no-console.
+CONSOLE_ROUTES = [Route("GET", "/", "console", "Web console", HttpApi.console_file, public=True, console=True)]
+CONSOLE_ROUTES += [Route("GET", "/console/" + name, "console", "Web console", HttpApi.console_file, public=True,
+                         console=True) for name in ASSET_NAMES]
+CONSOLE_ROUTES += [Route("GET", "/console/models/{model}/versions/{version}/" + kind, "console_" + kind,
+                         f"Training {kind} of a model version", HttpApi.console_artifact, console=True)
+                   for kind in ARTIFACTS]

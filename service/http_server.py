@@ -17,19 +17,18 @@ import socket
 import orjson
 import uvicorn
 
-from service.http_api import ROUTES, HttpApi, Reply, Request, Route
+from service.http_api import CONSOLE_ROUTES, NO_ROUTE, ROUTES, HttpApi, Reply, Request, Route
 from service.settings import Settings
 
 log = logging.getLogger("deepserve.http")
 _STATIC: dict[tuple[str, str], Route] = {}  # paths without parameters: one dict lookup
 _PATTERNS: dict[tuple[str, int], list[tuple[list[str], Route]]] = {}  # (method, segments) -> [(segments, route)]
-for _r in ROUTES:
+for _r in ROUTES + CONSOLE_ROUTES:
     if "{" not in _r.path:
         _STATIC[(_r.method, _r.path)] = _r
     else:
         _parts = _r.path.split("/")
         _PATTERNS.setdefault((_r.method, len(_parts)), []).append((_parts, _r))
-_FALLBACK = Route("*", "", "unknown", "", HttpApi.not_found)
 
 
 def route(method: str, path: str) -> tuple[Route, dict[str, str]]:
@@ -50,7 +49,7 @@ def route(method: str, path: str) -> tuple[Route, dict[str, str]]:
                 break
         else:
             return r, params
-    return _FALLBACK, {}
+    return NO_ROUTE, {}
 
 
 class App:

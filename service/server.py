@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service import logs, settings
 from service._proto import inference_pb2
+from service.console import Console
 from service.dataplane import DataPlane
 from service.errors import NotFound, Unavailable
 from service.grpc_api import Servicer, add_to_server
@@ -126,7 +127,8 @@ async def serve(s: Settings) -> int:
     await server.start()
     http = None
     if s.http_port:
-        http = HttpFrontEnd(HttpApi(dataplane, metrics, tokens, s.max_message_bytes), s, ssl_context(s))
+        console = Console(registry) if s.console else None
+        http = HttpFrontEnd(HttpApi(dataplane, metrics, tokens, s.max_message_bytes, console), s, ssl_context(s))
         try:
             await http.start()
         except OSError as exc:

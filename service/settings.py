@@ -29,6 +29,8 @@ class Settings:
     grpc_port: int = opt(8001, "gRPC port (inference, health, reflection)")
     http_port: int = opt(8000, "HTTP/REST port (KServe V2 / Triton HTTP API; 0 disables), same host, TLS and tokens "
                          "as gRPC")
+    console: bool = opt(True, "serve the web console at / on the HTTP port (a page that calls the REST API, with "
+                        "its TLS and tokens)")
     metrics_port: int = opt(8002, "Prometheus /metrics port (0 disables)")
     log_format: str = opt("text", "log format", choices=["text", "json"])
     log_level: str = opt("info", "log level", choices=["debug", "info", "warning", "error"])
