@@ -103,7 +103,9 @@ async def start(cfg: model_config_pb2.ModelConfig, batch_size: int, port: int, h
     config.load()
     server = uvicorn.Server(config)
     server.lifespan = config.lifespan_class(config)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and without it the
+    # reply's two writes (head, body) meet the client's delayed ACK: ~40 ms a request (measured 44 ms p50 vs 0.32)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.setblocking(False)
