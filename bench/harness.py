@@ -141,13 +141,16 @@ class Run:
             self.say(f"FAILED {label} {model} ({protocol}) b{batch} c{concurrency}: {str(exc)[:200]}")
             return None
 
-    def warm(self, target: Target, model: str, version: str, batch: int, requests: int) -> None:
-        """A few requests before the first point: first onnxruntime runs, arenas, lazy imports. Sent from this
-        process (no perf_analyzer start-up, whose count mode also rounds up to whole seconds)."""
-        try:
-            self.warmer.run(target.url, model, version, batch, 4, requests, "warm-up")
-        except BenchError as exc:
-            self.say(f"warm-up of {target.name} {model} failed: {str(exc)[:200]}")
+    def warm(self, target: Target, model: str, version: str, batch: int, requests: int,
+             protocols: list[str] | None = None) -> None:
+        """A few requests before the first point, over each protocol the target serves and the plan measures:
+        first onnxruntime runs, arenas, lazy imports, each front end's first requests. Sent from this process (no
+        perf_analyzer start-up, whose count mode also rounds up to whole seconds)."""
+        for proto in protocols or [p for p in self.plan.protocols if p == "grpc" or target.http_port]:
+            try:
+                self.warmer.run(target.url_for(proto), model, version, batch, 4, requests, "warm-up", proto)
+            except BenchError as exc:
+                self.say(f"warm-up of {target.name} {model} ({proto}) failed: {str(exc)[:200]}")
 
     def abba(self, *sides: Callable[[], Measurement | None]) -> list[Measurement] | None:
         """Each side `repeats` times in ABBA order (A B, B A, A B, ...), each side's runs averaged: a drift in the
@@ -186,7 +189,7 @@ class Run:
 
     def batching(self, server: Target, version: str) -> None:
         conc = 32
-        self.warm(server, DIGITS_NOBATCH, version, 1, 200)
+        self.warm(server, DIGITS_NOBATCH, version, 1, 200, ["grpc"])
         pair = self.abba(lambda: self.point(server, DIGITS, version, 1, conc, "server"),
                          lambda: self.point(server, DIGITS_NOBATCH, version, 1, conc, "server"))
         if pair:
@@ -200,7 +203,7 @@ class Run:
         spreads connections, not requests, over the workers: perf_analyzer opens several connections."""
         n = max(2, cores())
         with deepserve(self.repo.root, self.logs, f"server_workers{n}", "--workers", str(n)).start() as many:
-            self.warm(many, DIGITS, version, 1, 400)
+            self.warm(many, DIGITS, version, 1, 400, ["grpc"])
             for conc in [c for c in self.plan.concurrency if c >= 32] or self.plan.concurrency[-1:]:
                 pair = self.abba(lambda c=conc: self.point(server, DIGITS, version, 1, c, "server"),
                                  lambda c=conc: self.point(many, DIGITS, version, 1, c, f"server --workers {n}"))

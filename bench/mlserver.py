@@ -120,7 +120,7 @@ def compare(run: Run, server: Target, version: str, work: Path) -> None:
         run.say(run.results.mlserver_note)
         return
     with ml:
-        run.warm(ml, DIGITS, version, 1, 200)
+        run.warm(ml, DIGITS, version, 1, 200, ["grpc"])  # MLServer has no binary tensor extension
         for conc in run.plan.http_concurrency:
             ms = run.abba(lambda c=conc: run.point(server, DIGITS, version, 1, c, "server", protocol="http"),
                           lambda c=conc: run.point(server, DIGITS, version, 1, c, "server (JSON)", protocol="http",
