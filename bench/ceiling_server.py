@@ -8,7 +8,10 @@ It also answers ServerLive, ServerReady, ServerMetadata, ModelMetadata, ModelCon
 model's config, because perf_analyzer asks for them before (and between) measurements and must run unchanged.
 The reply is sized for one batch size (`--batch-size`): same outputs, same bytes on the wire as the real reply.
 
-    python -m bench.ceiling_server --config digits_cnn.pbtxt --batch-size 1 --port 8101
+With `--http-port` the same process also serves the HTTP transport ceiling (bench/http_ceiling.py) on the same
+event loop, as deepserve serves both protocols on one loop.
+
+    python -m bench.ceiling_server --config digits_cnn.pbtxt --batch-size 1 --port 8101 --http-port 8102
 """
 
 from __future__ import annotations
@@ -115,15 +118,22 @@ async def start(cfg: model_config_pb2.ModelConfig, batch_size: int, port: int, h
     return server, bound
 
 
-async def _serve(cfg: model_config_pb2.ModelConfig, batch_size: int, port: int, host: str, version: str) -> None:
+async def _serve(cfg: model_config_pb2.ModelConfig, batch_size: int, port: int, host: str, version: str,
+                 http_port: int | None) -> None:
+    from bench import http_ceiling  # uvicorn only when asked for
+
+    http = await http_ceiling.start(cfg, batch_size, http_port, host, version) if http_port is not None else None
     server, bound = await start(cfg, batch_size, port, host, version)
-    print(f"ceiling server for {cfg.name} batch {batch_size} on {host}:{bound}", flush=True)
+    print(f"ceiling server for {cfg.name} batch {batch_size} on {host}:{bound} (gRPC)"
+          + (f", {host}:{http[2]} (HTTP)" if http else ""), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop(0.5)
+    if http:
+        await http_ceiling.stop(*http[:2])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,12 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, required=True, help="a complete config.pbtxt (inputs and outputs)")
     parser.add_argument("--batch-size", type=int, default=1, help="rows in the fixed reply")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--http-port", type=int, help="also serve the HTTP ceiling on this port")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--version", default="1", help="the model version to report (the real model's)")
     args = parser.parse_args(argv)
     cfg = text_format.Parse(args.config.read_text(), model_config_pb2.ModelConfig())
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(cfg, args.batch_size, args.port, args.host, args.version))
+        asyncio.run(_serve(cfg, args.batch_size, args.port, args.host, args.version, args.http_port))
     return 0
 
 

@@ -3,12 +3,15 @@
 Order of work, and why:
 1. A work copy of the repository: the published digits_cnn (or a stand-in) served twice, batching on and off, and
    the compute-heavy bench_resnet. The user's repository is never touched.
-2. The server and one transport-ceiling server per batch size run at the same time; each (batch, concurrency)
-   point measures server and ceiling in ABBA order, so a drift in the machine's load hits both sides of a ratio
-   alike. Idle gRPC servers cost nothing measurable.
+2. The server and one transport-ceiling process per model and batch size run at the same time (each serves the
+   gRPC ceiling and, on the same loop, the HTTP one); each (batch, concurrency) point measures server and ceiling
+   of both protocols in one ABBA sequence, so a drift in the machine's load hits both sides of a ratio alike.
+   Idle servers cost nothing measurable.
 3. CPU per request of server and ceiling at the target points, from kernel counters: the ratio that other
    processes on a shared machine disturb least.
-4. Raw onnxruntime in-process right before and after each resnet point at the same batch size.
+4. Raw onnxruntime in-process right before and after each resnet point at the same batch size, and at every
+   batch size the server could form from the requests in flight: with the transport ceilings, each point's limit.
+   MLServer's REST (its own virtualenv, bench/mlserver.py) beside our HTTP path.
 5. When a server-vs-ceiling target is missed, per-thread CPU and a py-spy profile of the request path under
    that load go into the report.
 6. The leak check runs on a fresh server so that "after 20k requests" means exactly that.
@@ -33,7 +36,7 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
-from bench import compute, profile, report
+from bench import compute, mlserver, profile, report
 from bench.loadgen import BenchError, Generator, Measurement, PythonLoad, cores, measure, merge, pick_generator
 from bench.models import DIGITS, DIGITS_NOBATCH, RESNET, BenchRepository, prepare_repository, read_config
 from bench.procs import ROOT, Target, ceiling, deepserve, model_info
@@ -57,6 +60,9 @@ class Plan:
     profile: str
     label: str
     repeats: int
+    protocols: list[str]
+    http_concurrency: list[int]
+    mlserver: str
 
     @property
     def leak_high(self) -> int:
@@ -90,6 +96,12 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, Plan]:
     p.add_argument("--resnet-widths", type=_ints, default=[32, 64, 128], help=argparse.SUPPRESS)
     p.add_argument("--profile", choices=["auto", "on", "off"], default="auto",
                    help="py-spy profile of the request path: auto = when a server-vs-ceiling target is missed")
+    p.add_argument("--protocols", type=lambda t: [x for x in t.split(",") if x], default=["grpc", "http"],
+                   help="wire protocols to measure (default grpc,http)")
+    p.add_argument("--http-concurrency", type=_ints,
+                   help="digits_cnn concurrency levels measured over HTTP too (default 1,4,32 of --concurrency)")
+    p.add_argument("--mlserver", choices=["auto", "off"], default="auto",
+                   help="MLServer's REST beside ours (its own virtualenv, installed on first use); off skips it")
     a = p.parse_args(argv)
     quick = a.quick
     knobs = ("concurrency", "batches", "resnet_concurrency", "seconds", "compute_seconds", "leak_requests", "repeats")
@@ -99,7 +111,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, Plan]:
                 a.resnet_concurrency or ([1, 4] if quick else [1, 4, 16]),
                 a.seconds or (1.0 if quick else 3.0), a.compute_seconds or (1.0 if quick else 2.0),
                 a.leak_requests or (2000 if quick else 20000), a.leak_rounds, tuple(a.resnet_widths), a.profile,
-                label, a.repeats or (1 if quick else 2))
+                label, a.repeats or (1 if quick else 2), a.protocols, [], a.mlserver)
+    wanted = a.http_concurrency or [1, 4, 32]
+    plan.http_concurrency = [c for c in plan.concurrency if c in wanted] or plan.concurrency[-1:]
     return a, plan
 
 
@@ -117,22 +131,26 @@ class Run:
         print(f"[{time.monotonic() - self.t0:5.0f}s] {text}", file=sys.stderr, flush=True)
 
     def point(self, target: Target, model: str, version: str, batch: int, concurrency: int,
-              label: str, latency_ms: float = 0.0) -> Measurement | None:
+              label: str, latency_ms: float = 0.0, protocol: str = "grpc",
+              extra: tuple[str, ...] = ()) -> Measurement | None:
         try:
-            return measure(self.gen, target.url, model, version, batch, concurrency, self.plan.seconds, label,
-                           latency_ms)
+            return measure(self.gen, target.url_for(protocol), model, version, batch, concurrency,
+                           self.plan.seconds, label, latency_ms, protocol, extra)
         except BenchError as exc:
-            self.results.errors.append(f"{label} {model} batch {batch} concurrency {concurrency}: {exc}")
-            self.say(f"FAILED {label} {model} b{batch} c{concurrency}: {str(exc)[:200]}")
+            self.results.errors.append(f"{label} {model} ({protocol}) batch {batch} concurrency {concurrency}: {exc}")
+            self.say(f"FAILED {label} {model} ({protocol}) b{batch} c{concurrency}: {str(exc)[:200]}")
             return None
 
-    def warm(self, target: Target, model: str, version: str, batch: int, requests: int) -> None:
-        """A few requests before the first point: first onnxruntime runs, arenas, lazy imports. Sent from this
-        process (no perf_analyzer start-up, whose count mode also rounds up to whole seconds)."""
-        try:
-            self.warmer.run(target.url, model, version, batch, 4, requests, "warm-up")
-        except BenchError as exc:
-            self.say(f"warm-up of {target.name} {model} failed: {str(exc)[:200]}")
+    def warm(self, target: Target, model: str, version: str, batch: int, requests: int,
+             protocols: list[str] | None = None) -> None:
+        """A few requests before the first point, over each protocol the target serves and the plan measures:
+        first onnxruntime runs, arenas, lazy imports, each front end's first requests. Sent from this process (no
+        perf_analyzer start-up, whose count mode also rounds up to whole seconds)."""
+        for proto in protocols or [p for p in self.plan.protocols if p == "grpc" or target.http_port]:
+            try:
+                self.warmer.run(target.url_for(proto), model, version, batch, 4, requests, "warm-up", proto)
+            except BenchError as exc:
+                self.say(f"warm-up of {target.name} {model} ({proto}) failed: {str(exc)[:200]}")
 
     def abba(self, *sides: Callable[[], Measurement | None]) -> list[Measurement] | None:
         """Each side `repeats` times in ABBA order (A B, B A, A B, ...), each side's runs averaged: a drift in the
@@ -146,24 +164,32 @@ class Run:
                 runs[i].append(m)
         return [merge(ms) for ms in runs]
 
-    def sweep(self, server: Target, ceilings: dict[int, Target], version: str) -> None:
+    def sweep(self, server: Target, ceilings: dict[tuple[str, int], Target], version: str) -> None:
+        """Each (batch, concurrency) point: server and transport ceiling of every protocol measured there, all
+        four in one ABBA sequence, so that both the server-vs-ceiling and the HTTP-vs-gRPC ratios are of runs
+        side by side in time."""
         for batch in self.plan.batches:
             self.warm(server, DIGITS, version, batch, 200)
-            self.warm(ceilings[batch], DIGITS, version, batch, 200)
+            self.warm(ceilings[(DIGITS, batch)], DIGITS, version, batch, 200)
             for conc in self.plan.concurrency:
-                pair = self.abba(lambda b=batch, c=conc: self.point(server, DIGITS, version, b, c, "server"),
-                                 lambda b=batch, c=conc: self.point(ceilings[b], DIGITS, version, b, c,
-                                                                    "transport ceiling"))
-                if pair:
-                    s, c = pair
+                protos = [p for p in self.plan.protocols if p == "grpc" or conc in self.plan.http_concurrency]
+                sides: list[Callable[[], Measurement | None]] = []
+                for proto in protos:
+                    sides += [lambda b=batch, c=conc, p=proto: self.point(server, DIGITS, version, b, c, "server",
+                                                                          protocol=p),
+                              lambda b=batch, c=conc, p=proto: self.point(ceilings[(DIGITS, b)], DIGITS, version, b,
+                                                                          c, "transport ceiling", protocol=p)]
+                ms = self.abba(*sides)
+                for i, proto in enumerate(protos if ms else []):
+                    s, c = ms[2 * i], ms[2 * i + 1]
                     self.results.sweep.append((s, c))
-                    self.say(f"{DIGITS} b{batch} c{conc}: server {s.requests_per_s:,.0f} req/s, ceiling "
+                    self.say(f"{DIGITS} {proto} b{batch} c{conc}: server {s.requests_per_s:,.0f} req/s, ceiling "
                              f"{c.requests_per_s:,.0f} req/s ({s.requests_per_s / c.requests_per_s:.2f}x); p50 "
                              f"{s.p50_ms:.2f} vs {c.p50_ms:.2f} ms")
 
     def batching(self, server: Target, version: str) -> None:
         conc = 32
-        self.warm(server, DIGITS_NOBATCH, version, 1, 200)
+        self.warm(server, DIGITS_NOBATCH, version, 1, 200, ["grpc"])
         pair = self.abba(lambda: self.point(server, DIGITS, version, 1, conc, "server"),
                          lambda: self.point(server, DIGITS_NOBATCH, version, 1, conc, "server"))
         if pair:
@@ -177,7 +203,7 @@ class Run:
         spreads connections, not requests, over the workers: perf_analyzer opens several connections."""
         n = max(2, cores())
         with deepserve(self.repo.root, self.logs, f"server_workers{n}", "--workers", str(n)).start() as many:
-            self.warm(many, DIGITS, version, 1, 400)
+            self.warm(many, DIGITS, version, 1, 400, ["grpc"])
             for conc in [c for c in self.plan.concurrency if c >= 32] or self.plan.concurrency[-1:]:
                 pair = self.abba(lambda c=conc: self.point(server, DIGITS, version, 1, c, "server"),
                                  lambda c=conc: self.point(many, DIGITS, version, 1, c, f"server --workers {n}"))
@@ -187,15 +213,18 @@ class Run:
                     self.say(f"--workers {n} c{conc}: {more.requests_per_s:,.0f} req/s vs one process "
                              f"{one.requests_per_s:,.0f} ({more.requests_per_s / one.requests_per_s:.2f}x)")
 
-    def compute_and_resnet(self, server: Target) -> None:
+    def compute_and_resnet(self, server: Target, ceilings: dict[tuple[str, int], Target]) -> None:
         """Compute ceilings for both models; for the resnet, one before and one after each server point, and the
-        point's ratio against the mean of the two (the ceiling right beside it in time)."""
+        point's ratio against the mean of the two (the ceiling right beside it in time); the resnet's transport
+        ceiling of each protocol right after the server's point. Then raw onnxruntime at every batch size the
+        server could have formed from the requests in flight (the compute side of each point's limit)."""
         models = self.repo.root
         for name in (DIGITS, RESNET):
             cfg = read_config(models / name / "config.pbtxt")
             model_file = next((models / name).glob("*/model.onnx"))
             sess = compute.session(model_file, cfg)
             version = model_file.parent.name
+            self.results.max_batch[name] = cfg.max_batch_size if cfg.HasField("dynamic_batching") else 0
 
             def ceiling(batch: int, name: str = name, cfg: model_config_pb2.ModelConfig = cfg,
                         model_file: Path = model_file, sess: tuple = sess) -> compute.ComputeCeiling:
@@ -211,35 +240,48 @@ class Run:
                 self.warm(server, RESNET, version, batch, 8)
                 for conc in self.plan.resnet_concurrency:
                     guess_ms = conc * batch / before.samples_per_s * 1e3  # queueing behind the others in flight
-                    m = self.point(server, RESNET, version, batch, conc, "server", guess_ms)
-                    after = ceiling(batch)
-                    beside = (before.samples_per_s + after.samples_per_s) / 2
-                    before = after
-                    if m:
-                        self.results.resnet.append((m, beside))
-                        self.say(f"{RESNET} b{batch} c{conc}: server {m.infer_per_s:,.0f} samples/s, raw "
-                                 f"onnxruntime {beside:,.0f} ({m.infer_per_s / beside:.2f}x)")
+                    for proto in self.plan.protocols:
+                        m = self.point(server, RESNET, version, batch, conc, "server", guess_ms, proto)
+                        t = self.point(ceilings[(RESNET, batch)], RESNET, version, batch, conc, "transport ceiling",
+                                       protocol=proto) if m else None
+                        after = ceiling(batch)
+                        beside = (before.samples_per_s + after.samples_per_s) / 2
+                        before = after
+                        if m:
+                            self.results.resnet.append((m, beside, t))
+                            self.say(f"{RESNET} {proto} b{batch} c{conc}: server {m.infer_per_s:,.0f} samples/s, raw "
+                                     f"onnxruntime {beside:,.0f} ({m.infer_per_s / beside:.2f}x)")
+            conc = self.plan.resnet_concurrency if name == RESNET else self.plan.concurrency
+            for formed in sorted({report.formable(self.results, name, b, c) for b in self.plan.batches for c in conc}
+                                 - {c.batch for c in self.results.compute if c.model == name}):
+                cc = ceiling(formed)
+                self.say(f"compute ceiling {name} b{formed} (a batch the server could form): "
+                         f"{cc.samples_per_s:,.0f} samples/s")
 
     def cpu_costs(self, server: Target, ceilings: dict[int, Target], version: str) -> None:
         """CPU per request of the server and of the ceiling at the target points: an exact count of requests
         against the kernel's CPU counters for the target process. Unlike requests/s, this hardly moves when
         other processes take cores away, so it is the steadier ratio on a shared machine."""
-        if 1 not in ceilings:
+        if (DIGITS, 1) not in ceilings:
             return
         count = max(200, int(1000 * self.plan.seconds))
-        for target, model, conc in ((server, DIGITS, 1), (ceilings[1], DIGITS, 1), (server, DIGITS, 32),
-                                    (ceilings[1], DIGITS, 32), (server, DIGITS_NOBATCH, 32)):
+        one = ceilings[(DIGITS, 1)]
+        loads = [(server, DIGITS, 1, "grpc"), (one, DIGITS, 1, "grpc"), (server, DIGITS, 32, "grpc"),
+                 (one, DIGITS, 32, "grpc"), (server, DIGITS_NOBATCH, 32, "grpc")]
+        if "http" in self.plan.protocols:
+            loads += [(server, DIGITS, 32, "http"), (one, DIGITS, 32, "http")]
+        for target, model, conc, proto in loads:
             before = target.cpu_seconds()
             try:
-                self.gen.run(target.url, model, version, 1, conc, count, target.name)
+                self.gen.run(target.url_for(proto), model, version, 1, conc, count, target.name, proto)
             except BenchError as exc:
-                self.results.errors.append(f"CPU cost {target.name} {model} c{conc}: {exc}")
+                self.results.errors.append(f"CPU cost {target.name} {model} ({proto}) c{conc}: {exc}")
                 continue
             after = target.cpu_seconds()
             label = "transport ceiling" if target is not server else f"server ({model})"
             self.results.cpu.append(report.CpuCost(label, 1, conc, count, (after[0] - before[0]) / count * 1e3,
-                                                   (after[1] - before[1]) / count * 1e3))
-            self.say(f"CPU per request, {label} c{conc}: {self.results.cpu[-1].ms_per_request:.3f} ms")
+                                                   (after[1] - before[1]) / count * 1e3, proto))
+            self.say(f"CPU per request, {label} {proto} c{conc}: {self.results.cpu[-1].ms_per_request:.3f} ms")
 
     def leak(self) -> None:
         """A fresh server, then rounds of batch-1 requests at 32 in flight, RSS read after each round."""
@@ -266,7 +308,7 @@ class Run:
         loads = [k for k, missed in wanted.items() if self.plan.profile == "on" or missed]
         for model, batch, conc in loads:
             seconds = max(2.0, self.plan.seconds * 2)
-            measured = [m for m, _ in self.results.sweep] + [m for m, _ in self.results.resnet]
+            measured = [m for m, *_ in self.results.sweep + self.results.resnet if m.protocol == "grpc"]
             rate = next((m.requests_per_s for m in measured if (m.model, m.batch, m.concurrency) == (model, batch,
                                                                                                     conc)), 50.0)
             count = max(4 * conc, int(rate * seconds * 1.3))
@@ -342,11 +384,15 @@ def bench_main(argv: list[str]) -> int:
         run = Run(plan, gen, out, repo, _meta(plan, gen_note, repo))
         run.say(f"work repository {repo.root}; digits_cnn: {repo.digits_source}; generator: {gen_note}")
         with deepserve(repo.root, logs).start() as server:
-            version, cfg_bytes = model_info(server.url, DIGITS)
-            cfg = model_config_pb2.ModelConfig.FromString(cfg_bytes)
-            cfg_path = Path(tmp) / "digits_cnn_served.pbtxt"
-            cfg_path.write_text(text_format.MessageToString(cfg))
-            ceilings = {b: ceiling(cfg_path, b, version, logs) for b in plan.batches}
+            version = ""
+            ceilings: dict[tuple[str, int], Target] = {}
+            for model in (DIGITS, RESNET):  # the transport ceilings, each from the config as the server completed it
+                v, cfg_bytes = model_info(server.url, model)
+                version = version or v
+                cfg_path = Path(tmp) / f"{model}_served.pbtxt"
+                cfg_path.write_text(text_format.MessageToString(model_config_pb2.ModelConfig.FromString(cfg_bytes)))
+                ceilings |= {(model, b): ceiling(cfg_path, b, v, logs, "http" in plan.protocols)
+                             for b in plan.batches}
             try:
                 for c in ceilings.values():
                     c.spawn()
@@ -354,12 +400,14 @@ def bench_main(argv: list[str]) -> int:
                     c.wait_ready()
                 run.sweep(server, ceilings, version)
                 run.cpu_costs(server, ceilings, version)
+                run.batching(server, version)
+                run.workers(server, version)
+                run.compute_and_resnet(server, ceilings)
             finally:
                 for c in ceilings.values():
                     c.stop()
-            run.batching(server, version)
-            run.workers(server, version)
-            run.compute_and_resnet(server)
+            if "http" in plan.protocols:
+                mlserver.compare(run, server, version, Path(tmp))
             if plan.profile != "off":
                 run.profiles(server, version)
         run.leak()

@@ -28,6 +28,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from bench import httpload
 from service._proto import inference_pb2 as pb
 from service._proto import inference_pb2_grpc
 
@@ -59,6 +60,7 @@ class Measurement:
     p99_ms: float
     generator: str
     runs: int = 1  # measurements averaged into this one
+    protocol: str = "grpc"  # "grpc" or "http" (binary tensors unless the target label says JSON)
 
     @property
     def requests_per_s(self) -> float:
@@ -91,12 +93,12 @@ class PerfAnalyzer:
         return None
 
     def _call(self, args: list[str], model: str, batch: int, concurrency: int, target: str,
-              timeout_s: float | None = None) -> tuple[dict[str, str] | None, str]:
+              timeout_s: float | None = None, protocol: str = "grpc") -> tuple[dict[str, str] | None, str]:
         self.runs += 1
-        stem = self.logs / f"pa_{self.runs:03d}_{target.split()[0]}_{model}_b{batch}_c{concurrency}"
+        stem = self.logs / f"pa_{self.runs:03d}_{protocol}_{target.split()[0]}_{model}_b{batch}_c{concurrency}"
         csv_path = stem.with_suffix(".csv")
-        argv = [str(self.path), "-m", model, "-i", "grpc", "-b", str(batch), "--concurrency-range", str(concurrency),
-                "--percentile=99", "-f", str(csv_path), *args]
+        argv = [str(self.path), "-m", model, "-i", protocol, "-b", str(batch), "--concurrency-range",
+                str(concurrency), "--percentile=99", "-f", str(csv_path), *args]
         try:
             out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s or self.timeout_s)
         except subprocess.TimeoutExpired:
@@ -109,38 +111,38 @@ class PerfAnalyzer:
             return next(csv.DictReader(f)), ""
 
     def _measurement(self, row: dict[str, str], target: str, model: str, batch: int, concurrency: int,
-                     requests: int) -> Measurement:
+                     requests: int, protocol: str) -> Measurement:
         return Measurement(target, model, batch, concurrency, requests, float(row["Inferences/Second"]),
                            float(row["p50 latency"]) / 1e3, float(row["p90 latency"]) / 1e3,
-                           float(row["p99 latency"]) / 1e3, self.name)
+                           float(row["p99 latency"]) / 1e3, self.name, protocol=protocol)
 
     def run(self, url: str, model: str, version: str, batch: int, concurrency: int, requests: int,
-            target: str) -> Measurement:
+            target: str, protocol: str = "grpc", extra: tuple[str, ...] = ()) -> Measurement:
         """Exactly `requests` requests (the throughput of such a run is coarse, see the module docstring).
 
         Twice in a few hundred count-mode runs at concurrency 32 here, perf_analyzer never returned; in the one
         caught live, the server had no request pending (its gauge read 0) and went on answering other clients.
         Such a run is stopped after COUNT_TIMEOUT_S and sent again, once, and the report lists it."""
-        args = ["-x", version, "-u", url, "--request-count", str(requests)]
-        row, why = self._call(args, model, batch, concurrency, target, COUNT_TIMEOUT_S)
+        args = ["-x", version, "-u", url, "--request-count", str(requests), *extra]
+        row, why = self._call(args, model, batch, concurrency, target, COUNT_TIMEOUT_S, protocol)
         if row is None and why.startswith("timed out"):
             self.stalls.append(f"{target} {model} batch {batch} concurrency {concurrency}: {why}")
-            row, why = self._call(args, model, batch, concurrency, target, COUNT_TIMEOUT_S)
+            row, why = self._call(args, model, batch, concurrency, target, COUNT_TIMEOUT_S, protocol)
         if row is None:
             raise BenchError(f"perf_analyzer {why}")
-        return self._measurement(row, target, model, batch, concurrency, requests)
+        return self._measurement(row, target, model, batch, concurrency, requests, protocol)
 
     def measure(self, url: str, model: str, version: str, batch: int, concurrency: int, seconds: float,
-                target: str, latency_ms: float) -> Measurement:
+                target: str, latency_ms: float, protocol: str = "grpc", extra: tuple[str, ...] = ()) -> Measurement:
         """Three time windows of about seconds/3.6 each (perf_analyzer sleeps 1.2 windows per window), at least
         three expected request latencies long."""
         window = int(max(seconds * 1000 / 3.6, 3 * latency_ms, 200))
         why = ""
         for stability in ("100", "10000"):
-            row, why = self._call(["-x", version, "-u", url, "-p", str(window), "-s", stability, "-r", "6"],
-                                  model, batch, concurrency, target)
+            row, why = self._call(["-x", version, "-u", url, "-p", str(window), "-s", stability, "-r", "6", *extra],
+                                  model, batch, concurrency, target, None, protocol)
             if row is not None:
-                return self._measurement(row, target, model, batch, concurrency, 0)
+                return self._measurement(row, target, model, batch, concurrency, 0, protocol)
         raise BenchError(f"perf_analyzer {why}")
 
 
@@ -180,35 +182,44 @@ async def _drive(url: str, request: bytes, concurrency: int, count: int) -> tupl
 
 
 class PythonLoad:
-    """asyncio grpc.aio closed-loop generator: `concurrency` calls in flight on one channel."""
+    """Closed-loop generator: gRPC as `concurrency` grpc.aio calls in flight on one channel; HTTP as `concurrency`
+    keep-alive connections (bench.httpload). `extra` (perf_analyzer flags) is not understood and refused."""
 
-    name = "python grpc.aio"
+    name = "python grpc.aio / http.client"
 
     def __init__(self) -> None:
         self._requests: dict[tuple[str, str, int], bytes] = {}
+        self._bodies: dict[tuple[str, str, int], tuple[bytes, int]] = {}
 
     def available(self) -> str | None:
         return None
 
     def run(self, url: str, model: str, version: str, batch: int, concurrency: int, requests: int,
-            target: str) -> Measurement:
+            target: str, protocol: str = "grpc", extra: tuple[str, ...] = ()) -> Measurement:
+        if extra:
+            raise BenchError(f"{target} {model}: the Python generator takes no perf_analyzer flags {extra}")
         key = (url, model, batch)
-        if key not in self._requests:
-            self._requests[key] = build_request(url, model, version, batch)
         try:
-            elapsed, lat = asyncio.run(_drive(url, self._requests[key], concurrency, requests))
-        except grpc.RpcError as exc:
-            raise BenchError(f"{target} {model}: {exc}") from exc
+            if protocol == "http":
+                if key not in self._bodies:
+                    self._bodies[key] = httpload.build_body(url, model, version, batch)
+                elapsed, lat = httpload.drive(url, model, version, *self._bodies[key], concurrency, requests)
+            else:
+                if key not in self._requests:
+                    self._requests[key] = build_request(url, model, version, batch)
+                elapsed, lat = asyncio.run(_drive(url, self._requests[key], concurrency, requests))
+        except (grpc.RpcError, httpload.HttpLoadError, OSError) as exc:
+            raise BenchError(f"{target} {model} ({protocol}): {exc}") from exc
         p50, p90, p99 = (float(np.percentile(lat, q)) * 1e3 for q in (50, 90, 99))
         return Measurement(target, model, batch, concurrency, requests, requests * batch / elapsed, p50, p90, p99,
-                           self.name)
+                           self.name, protocol=protocol)
 
     def measure(self, url: str, model: str, version: str, batch: int, concurrency: int, seconds: float,
-                target: str, latency_ms: float) -> Measurement:
+                target: str, latency_ms: float, protocol: str = "grpc", extra: tuple[str, ...] = ()) -> Measurement:
         """A probe run (warm-up, and the rate that sizes the real run), then a run of about `seconds`."""
-        probe = self.run(url, model, version, batch, concurrency, max(8, 2 * concurrency), target)
+        probe = self.run(url, model, version, batch, concurrency, max(8, 2 * concurrency), target, protocol, extra)
         count = max(16, 4 * concurrency, int(probe.requests_per_s * seconds))
-        return self.run(url, model, version, batch, concurrency, count, target)
+        return self.run(url, model, version, batch, concurrency, count, target, protocol, extra)
 
 
 Generator = PerfAnalyzer | PythonLoad
@@ -223,13 +234,13 @@ def merge(ms: list[Measurement]) -> Measurement:
     mean = lambda f: float(np.mean([getattr(m, f) for m in ms]))  # noqa: E731
     return Measurement(first.target, first.model, first.batch, first.concurrency, sum(m.requests for m in ms),
                        mean("infer_per_s"), mean("p50_ms"), mean("p90_ms"), mean("p99_ms"), first.generator,
-                       sum(m.runs for m in ms))
+                       sum(m.runs for m in ms), first.protocol)
 
 
 def measure(gen: Generator, url: str, model: str, version: str, batch: int, concurrency: int, seconds: float,
-            target: str, latency_ms: float = 0.0) -> Measurement:
+            target: str, latency_ms: float = 0.0, protocol: str = "grpc", extra: tuple[str, ...] = ()) -> Measurement:
     """One point of about `seconds`; `latency_ms` is a guess of one request's latency, to size windows."""
-    return gen.measure(url, model, version, batch, concurrency, seconds, target, latency_ms)
+    return gen.measure(url, model, version, batch, concurrency, seconds, target, latency_ms, protocol, extra)
 
 
 def pick_generator(choice: str, logs: Path) -> tuple[Generator, str]:
@@ -238,11 +249,12 @@ def pick_generator(choice: str, logs: Path) -> tuple[Generator, str]:
         pa = PerfAnalyzer(logs)
         why = pa.available()
         if why is None:
-            return pa, f"perf_analyzer ({pa.path}, sync mode, three time windows per point)"
+            return pa, (f"perf_analyzer ({pa.path}, sync mode, three time windows per point; -i grpc, and -i http with "
+                        "binary tensors, its default)")
         if choice == "perf_analyzer":
             raise BenchError(f"perf_analyzer is not usable: {why}")
-        return PythonLoad(), f"python grpc.aio fallback (perf_analyzer not usable: {why})"
-    return PythonLoad(), "python grpc.aio (asked for with --generator python)"
+        return PythonLoad(), f"python grpc.aio / http.client fallback (perf_analyzer not usable: {why})"
+    return PythonLoad(), "python grpc.aio / http.client (asked for with --generator python)"
 
 
 def cores() -> int:

@@ -31,13 +31,21 @@ def free_port() -> int:
 class Target:
     """A gRPC server subprocess speaking the inference protocol on 127.0.0.1:port."""
 
-    def __init__(self, name: str, argv: list[str], port: int, log: Path) -> None:
-        self.name, self.argv, self.port, self.log = name, argv, port, log
+    def __init__(self, name: str, argv: list[str], port: int, log: Path, http_port: int | None = None) -> None:
+        self.name, self.argv, self.port, self.log, self.http_port = name, argv, port, log, http_port
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def url_for(self, protocol: str) -> str:
+        """host:port of the gRPC or the HTTP listener (perf_analyzer -u takes both without a scheme)."""
+        if protocol == "http":
+            if self.http_port is None:
+                raise ValueError(f"{self.name} serves no HTTP")
+            return f"127.0.0.1:{self.http_port}"
+        return self.url
 
     @property
     def pid(self) -> int:
@@ -109,18 +117,20 @@ class Target:
 
 def deepserve(repository: Path, logs: Path, name: str = "server", *extra: str) -> Target:
     """`deepserve serve` with its defaults (plus `extra` flags), on loopback, metrics on a free port too (never
-    the fixed 8002)."""
-    port, metrics = free_port(), free_port()
+    the fixed 8002), HTTP on a free port (never the fixed 8000)."""
+    port, metrics, http = free_port(), free_port(), free_port()
     argv = [sys.executable, "-m", "service.cli", "serve", "--repository", str(repository), "--grpc-port", str(port),
-            "--metrics-port", str(metrics), "--host", "127.0.0.1", *extra]
-    return Target(name, argv, port, logs / f"{name}.log")
+            "--metrics-port", str(metrics), "--http-port", str(http), "--host", "127.0.0.1", *extra]
+    return Target(name, argv, port, logs / f"{name}.log", http)
 
 
-def ceiling(config: Path, batch: int, version: str, logs: Path) -> Target:
-    port = free_port()
+def ceiling(config: Path, batch: int, version: str, logs: Path, http: bool = True) -> Target:
+    """The transport ceilings for one model and batch size: gRPC, and HTTP on the same loop unless `http` is off."""
+    port, http_port = free_port(), (free_port() if http else None)
+    name = f"ceiling_{config.stem.removesuffix('_served')}_b{batch}"
     argv = [sys.executable, "-m", "bench.ceiling_server", "--config", str(config), "--batch-size", str(batch),
-            "--version", version, "--port", str(port)]
-    return Target(f"ceiling_b{batch}", argv, port, logs / f"ceiling_b{batch}.log")
+            "--version", version, "--port", str(port), *(["--http-port", str(http_port)] if http else [])]
+    return Target(name, argv, port, logs / f"{name}.log", http_port)
 
 
 def model_info(url: str, model: str) -> tuple[str, bytes]:

@@ -27,6 +27,7 @@ class CpuCost:
     requests: int
     ms_per_request: float  # all threads
     main_ms_per_request: float  # the main thread: the event loop, which holds the GIL for the Python work
+    protocol: str = "grpc"
 
 
 @dataclass
@@ -35,7 +36,8 @@ class Results:
     digits_model: str
     resnet_model: str
     sweep: list[tuple[Measurement, Measurement]] = field(default_factory=list)  # (server, transport ceiling)
-    resnet: list[tuple[Measurement, float]] = field(default_factory=list)  # (server, compute ceiling beside it)
+    # (server, raw onnxruntime at the request batch beside it in time, transport ceiling at the same point)
+    resnet: list[tuple[Measurement, float, Measurement | None]] = field(default_factory=list)
     compute: list[ComputeCeiling] = field(default_factory=list)  # every run, in order
     batching: tuple[Measurement, Measurement] | None = None  # (on, off)
     workers: list[tuple[int, Measurement, Measurement]] = field(default_factory=list)  # (N, one process, N)
@@ -43,6 +45,53 @@ class Results:
     cpu: list[CpuCost] = field(default_factory=list)
     profile: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    max_batch: dict[str, int] = field(default_factory=dict)  # model -> the largest batch it forms (0: no batching)
+    mlserver: list[tuple[Measurement, Measurement, Measurement]] = field(default_factory=list)  # ours bin, JSON, ML
+    mlserver_note: str = "not measured"
+
+
+@dataclass
+class Limit:
+    """A point's limit in requests/s: the lower of its protocol's transport ceiling and raw onnxruntime at the
+    batch the server could have formed from the requests in flight, both measured in the same run."""
+
+    transport: float | None
+    compute: float | None
+    formed: int  # the batch size the compute side was measured at
+
+    @property
+    def value(self) -> float | None:
+        known = [x for x in (self.transport, self.compute) if x]
+        return min(known) if known else None
+
+    @property
+    def by(self) -> str:
+        if not self.value:
+            return "-"
+        return "transport" if self.value == self.transport else f"compute (batch {self.formed})"
+
+
+def formable(r: Results, model: str, batch: int, concurrency: int) -> int:
+    """The largest batch the server could form: every request in flight merged, up to the model's
+    max_batch_size, when the model batches dynamically; else the request's own batch."""
+    cap = r.max_batch.get(model, 0)
+    return max(batch, min(batch * concurrency, cap)) if cap else batch
+
+
+def compute_rate(r: Results, model: str, batch: int) -> float | None:
+    rates = [c.samples_per_s for c in r.compute if c.model == model and c.batch == batch]
+    return sum(rates) / len(rates) if rates else None
+
+
+def limit(r: Results, server: Measurement, transport: Measurement | None) -> Limit:
+    formed = formable(r, server.model, server.batch, server.concurrency)
+    rate = compute_rate(r, server.model, formed)
+    return Limit(transport.requests_per_s if transport else None, rate / server.batch if rate else None, formed)
+
+
+def points(r: Results) -> list[tuple[Measurement, Limit]]:
+    """Every server point of the sweep and the resnet with its limit."""
+    return [(s, limit(r, s, c)) for s, c in r.sweep] + [(m, limit(r, m, t)) for m, _, t in r.resnet]
 
 
 @dataclass
@@ -57,8 +106,9 @@ class Verdict:
         return {True: "PASS", False: "**FAIL**", None: "not measured"}[self.passed]
 
 
-def _point(r: Results, batch: int, concurrency: int) -> tuple[Measurement, Measurement] | None:
-    return next(((s, c) for s, c in r.sweep if s.batch == batch and s.concurrency == concurrency), None)
+def _point(r: Results, batch: int, concurrency: int, protocol: str = "grpc") -> tuple[Measurement, Measurement] | None:
+    return next(((s, c) for s, c in r.sweep if s.batch == batch and s.concurrency == concurrency
+                 and s.protocol == protocol), None)
 
 
 def _ceilings(r: Results) -> dict[tuple[str, int], list[ComputeCeiling]]:
@@ -80,7 +130,8 @@ def verdicts(r: Results, leak_low: int, leak_high: int) -> list[Verdict]:
     out.append(Verdict(f"{r.digits_model} batch-1, concurrency 1: p50 vs the transport ceiling's p50",
                        "<= +0.30 ms", f"{extra:+.2f} ms ({p[0].p50_ms / p[1].p50_ms:.2f}x)" if p else "-",
                        extra <= 0.3 if p else None))
-    best = max(((m, c) for m, c in r.resnet if m.batch == 32), key=lambda mc: mc[0].infer_per_s, default=None)
+    best = max(((m, c) for m, c, _ in r.resnet if m.batch == 32 and m.protocol == "grpc"),
+               key=lambda mc: mc[0].infer_per_s, default=None)
     ratio = best[0].infer_per_s / best[1] if best else 0.0
     out.append(Verdict(f"{r.resnet_model} batch-32: samples/s vs raw onnxruntime (busiest concurrency)", ">= 0.85x",
                        f"{ratio:.2f}x (at concurrency {best[0].concurrency})" if best else "-",
@@ -95,6 +146,20 @@ def verdicts(r: Results, leak_low: int, leak_high: int) -> list[Verdict]:
     out.append(Verdict(f"no leak: server RSS after {leak_high:,} requests vs after {leak_low:,}", "within 10%",
                        f"{growth:+.1%} ({low / MIB:.0f} -> {high / MIB:.0f} MiB)" if low and high else "-",
                        abs(growth) <= 0.10 if low and high else None))
+    g, h = _point(r, 1, 32), _point(r, 1, 32, "http")
+    ratio = h[0].requests_per_s / g[0].requests_per_s if g and h else 0.0
+    out.append(Verdict(f"{r.digits_model} batch-1, 32 in flight: binary HTTP vs our own gRPC", ">= 0.80x",
+                       f"{ratio:.2f}x" if g and h else "-", ratio >= 0.8 if g and h else None))
+    ml = next((m for m in r.mlserver if m[0].concurrency == 32), None)
+    ratio = ml[0].requests_per_s / ml[2].requests_per_s if ml else 0.0
+    out.append(Verdict(f"{r.digits_model} batch-1, 32 in flight: binary HTTP vs MLServer's REST", ">= 2.00x",
+                       f"{ratio:.2f}x" if ml else r.mlserver_note, ratio >= 2.0 if ml else None))
+    busy = [(s, lim) for s, lim in points(r) if s.concurrency >= 4 and lim.value]
+    worst = min(busy, key=lambda sl: sl[0].requests_per_s / sl[1].value, default=None)
+    ratio = worst[0].requests_per_s / worst[1].value if worst else 0.0
+    where = f" ({worst[0].model} {worst[0].protocol} b{worst[0].batch} c{worst[0].concurrency})" if worst else ""
+    out.append(Verdict("every point at concurrency >= 4: server vs its limit (the lowest)", ">= 0.80x",
+                       f"{ratio:.2f}x{where}" if worst else "-", ratio >= 0.8 if worst else None))
     return out
 
 
@@ -105,42 +170,85 @@ def _lat(m: Measurement) -> str:
 def markdown(r: Results, leak_low: int, leak_high: int) -> str:
     lines = ["# deepserve benchmark", ""]
     lines += [f"- {k}: {v}" for k, v in r.meta.items()]
-    lines += ["", "## Targets (issue 4)", "", "| target | goal | measured | result |", "| --- | --- | --- | --- |"]
+    lines += ["", "## Targets (issues 4, 13, 14)", "", "| target | goal | measured | result |",
+              "| --- | --- | --- | --- |"]
     lines += [f"| {v.target} | {v.goal} | {v.measured} | {v.mark} |" for v in verdicts(r, leak_low, leak_high)]
     if r.sweep:
-        lines += ["", f"## {r.digits_model}: server vs transport ceiling (bare grpc.aio, fixed reply)", "",
-                  "Latencies are per request, in ms (p50 / p90 / p99). Ratios: server over ceiling.", "",
-                  "| batch | concurrency | server req/s | ceiling req/s | throughput ratio | server latency | "
-                  "ceiling latency | p50 extra ms | p99 ratio |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for s, c in r.sweep:
-            lines.append(f"| {s.batch} | {s.concurrency} | {s.requests_per_s:,.0f} | {c.requests_per_s:,.0f} | "
-                         f"**{s.requests_per_s / c.requests_per_s:.2f}x** | {_lat(s)} | {_lat(c)} | "
-                         f"{s.p50_ms - c.p50_ms:+.2f} | {s.p99_ms / c.p99_ms:.2f}x |")
+        lines += ["", f"## {r.digits_model}: server vs its limit", "",
+                  "The limit of a point is the lower of its protocol's transport ceiling (a bare server of the same "
+                  "library answering a fixed reply of the real size: grpc.aio; uvicorn + httptools + a bare ASGI "
+                  "app) and the compute ceiling (raw onnxruntime in-process at the batch the server could form from "
+                  "the requests in flight, up to max_batch_size), both measured in this run. HTTP is perf_analyzer "
+                  "`-i http` with binary tensors. Latencies per request, ms (p50 / p90 / p99).", "",
+                  "| protocol | batch | concurrency | server req/s | transport ceiling req/s | compute ceiling req/s "
+                  "(batch) | limited by | **server / limit** | server / transport | server latency | "
+                  "ceiling latency | p50 extra ms |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for s, c in sorted(r.sweep, key=lambda sc: (sc[0].protocol, sc[0].batch, sc[0].concurrency)):
+            lim = limit(r, s, c)
+            comp = f"{lim.compute:,.0f} ({lim.formed})" if lim.compute else "-"
+            lines.append(f"| {s.protocol} | {s.batch} | {s.concurrency} | {s.requests_per_s:,.0f} | "
+                         f"{c.requests_per_s:,.0f} | {comp} | {lim.by} | **{s.requests_per_s / lim.value:.2f}x** | "
+                         f"{s.requests_per_s / c.requests_per_s:.2f}x | {_lat(s)} | {_lat(c)} | "
+                         f"{s.p50_ms - c.p50_ms:+.2f} |")
+        pairs = [(g, h) for g, _ in r.sweep for h, _ in r.sweep if g.protocol == "grpc" and h.protocol == "http"
+                 and (g.batch, g.concurrency) == (h.batch, h.concurrency)]
+        if pairs:
+            lines += ["", f"### HTTP beside gRPC ({r.digits_model}, same points, one ABBA sequence)", "",
+                      "| batch | concurrency | gRPC req/s | binary HTTP req/s | **HTTP / gRPC** | transport ceilings "
+                      "HTTP / gRPC |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+            for g, h in pairs:
+                cg = next(c for s, c in r.sweep if s is g)
+                ch = next(c for s, c in r.sweep if s is h)
+                lines.append(f"| {g.batch} | {g.concurrency} | {g.requests_per_s:,.0f} | {h.requests_per_s:,.0f} | "
+                             f"**{h.requests_per_s / g.requests_per_s:.2f}x** | "
+                             f"{ch.requests_per_s / cg.requests_per_s:.2f}x |")
+    if r.mlserver or r.mlserver_note != "not measured":
+        lines += ["", f"## HTTP/REST: deepserve vs MLServer ({r.digits_model}, batch 1)", "",
+                  f"MLServer: {r.mlserver_note}. MLServer has no binary tensor extension, so it gets JSON tensors "
+                  "(perf_analyzer `--input-tensor-format json --output-tensor-format json`), and ours is measured "
+                  "both ways in the same ABBA sequence.", ""]
+        if r.mlserver:
+            lines += ["| concurrency | ours, binary req/s | ours, JSON req/s | MLServer, JSON req/s | "
+                      "**ours binary / MLServer** | ours JSON / MLServer | p50 ms ours binary / MLServer |",
+                      "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            lines += [f"| {b.concurrency} | {b.requests_per_s:,.0f} | {j.requests_per_s:,.0f} | "
+                      f"{m.requests_per_s:,.0f} | **{b.requests_per_s / m.requests_per_s:.2f}x** | "
+                      f"{j.requests_per_s / m.requests_per_s:.2f}x | {b.p50_ms:.2f} / {m.p50_ms:.2f} |"
+                      for b, j, m in r.mlserver]
     if r.cpu:
         lines += ["", f"## CPU per request ({r.digits_model}, batch 1)", "",
                   "CPU seconds the target process used (kernel counters) over an exact number of requests. The "
                   "other processes on the machine slow a target down but hardly change what each request costs "
                   "it, so these ratios are the steadier ones here.", "",
-                  "| target | concurrency | CPU ms per request, all threads | main thread (event loop) | "
-                  "vs ceiling, all threads |", "| --- | ---: | ---: | ---: | ---: |"]
+                  "| target | protocol | concurrency | CPU ms per request, all threads | main thread (event loop) | "
+                  "vs ceiling, all threads |", "| --- | --- | ---: | ---: | ---: | ---: |"]
         for c in r.cpu:
-            base = next((b for b in r.cpu if b.target == "transport ceiling" and b.concurrency == c.concurrency),
-                        None)
+            base = next((b for b in r.cpu if b.target == "transport ceiling" and b.concurrency == c.concurrency
+                         and b.protocol == c.protocol), None)
             ratio = f"{c.ms_per_request / base.ms_per_request:.2f}x" if base else "-"
-            lines.append(f"| {c.target} | {c.concurrency} | {c.ms_per_request:.3f} | {c.main_ms_per_request:.3f} | "
-                         f"{ratio} |")
+            lines.append(f"| {c.target} | {c.protocol} | {c.concurrency} | {c.ms_per_request:.3f} | "
+                         f"{c.main_ms_per_request:.3f} | {ratio} |")
     if r.resnet or r.compute:
-        lines += ["", f"## {r.resnet_model}: server vs compute ceiling (raw onnxruntime in-process)", "",
-                  "Each point's ceiling is the mean of the runs right before and right after it.", "",
-                  "| batch | concurrency | server samples/s | compute ceiling samples/s | ratio | server latency |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {m.batch} | {m.concurrency} | {m.infer_per_s:,.0f} | {c:,.0f} | **{m.infer_per_s / c:.2f}x** | "
-                  f"{_lat(m)} |" for m, c in r.resnet]
+        lines += ["", f"## {r.resnet_model}: server vs its limit", "",
+                  "Raw onnxruntime at the request's batch is the mean of the runs right before and right after the "
+                  "point; the limit takes raw onnxruntime at the batch the server could form and the transport "
+                  "ceiling at the same point, in samples/s.", "",
+                  "| protocol | batch | concurrency | server samples/s | raw ort, request batch | raw ort, batch "
+                  "formed | transport ceiling | limited by | **server / limit** | server / raw ort, request batch "
+                  "| server latency |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+        for m, c, t in r.resnet:
+            lim = limit(r, m, t)
+            lim_value = (lim.value or 0.0) * m.batch
+            comp = f"{lim.compute * m.batch:,.0f} ({lim.formed})" if lim.compute else "-"
+            lines.append(f"| {m.protocol} | {m.batch} | {m.concurrency} | {m.infer_per_s:,.0f} | {c:,.0f} | {comp} | "
+                         f"{t.infer_per_s if t else 0:,.0f} | {lim.by} | "
+                         f"**{m.infer_per_s / lim_value if lim_value else 0:.2f}x** | {m.infer_per_s / c:.2f}x | "
+                         f"{_lat(m)} |")
         lines += ["", "Compute ceilings (one session, back-to-back runs, the server's default thread settings):", "",
                   "| model | batch | samples/s (mean) | min - max | ms per run (p50) | intra-op threads | runs |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for (model, batch), cs in _ceilings(r).items():
+        for (model, batch), cs in sorted(_ceilings(r).items()):
             rates = [c.samples_per_s for c in cs]
             lines.append(f"| {model} | {batch} | {sum(rates) / len(rates):,.0f} | {min(rates):,.0f} - "
                          f"{max(rates):,.0f} | {cs[0].p50_ms:.2f} | {cs[0].intra_threads} | {len(cs)} |")
@@ -185,20 +293,23 @@ def plot(r: Results, path: Path) -> None:
     cols = len(batches) + (1 if r.resnet else 0) or 1
     fig, axes = plt.subplots(2, cols, figsize=(4.6 * cols, 7.5), squeeze=False)
     for col, batch in enumerate(batches):
-        pts = [(s, c) for s, c in r.sweep if s.batch == batch]
-        conc = [s.concurrency for s, _ in pts]
         top, bottom = axes[0][col], axes[1][col]
-        top.plot(conc, [s.requests_per_s for s, _ in pts], "o-", label="deepserve")
-        top.plot(conc, [c.requests_per_s for _, c in pts], "s--", label="transport ceiling")
-        bottom.plot(conc, [s.p99_ms for s, _ in pts], "o-", label="deepserve")
-        bottom.plot(conc, [c.p99_ms for _, c in pts], "s--", label="transport ceiling")
+        for proto in sorted({s.protocol for s, _ in r.sweep}):
+            pts = sorted(((s, c) for s, c in r.sweep if s.batch == batch and s.protocol == proto),
+                         key=lambda sc: sc[0].concurrency)
+            conc = [s.concurrency for s, _ in pts]
+            line = top.plot(conc, [s.requests_per_s for s, _ in pts], "o-", label=f"deepserve {proto}")[0]
+            color = line.get_color()
+            top.plot(conc, [c.requests_per_s for _, c in pts], "s--", color=color, label=f"{proto} transport ceiling")
+            bottom.plot(conc, [s.p99_ms for s, _ in pts], "o-", color=color, label=f"deepserve {proto}")
+            bottom.plot(conc, [c.p99_ms for _, c in pts], "s--", color=color, label=f"{proto} transport ceiling")
         top.set_title(f"{r.digits_model}, batch {batch}")
         top.set_ylabel("requests/s")
         bottom.set_ylabel("p99 latency (ms)")
     if r.resnet:
         top, bottom = axes[0][-1], axes[1][-1]
-        for batch in sorted({m.batch for m, _ in r.resnet}):
-            pts = [(m, c) for m, c in r.resnet if m.batch == batch]
+        for batch in sorted({m.batch for m, *_ in r.resnet}):
+            pts = [(m, c) for m, c, _ in r.resnet if m.batch == batch and m.protocol == "grpc"]
             conc = [m.concurrency for m, _ in pts]
             line = top.plot(conc, [m.infer_per_s for m, _ in pts], "o-", label=f"deepserve, batch {batch}")[0]
             color = line.get_color()
@@ -207,7 +318,7 @@ def plot(r: Results, path: Path) -> None:
         top.set_title(f"{r.resnet_model} vs compute ceiling")
         top.set_ylabel("samples/s")
         bottom.set_ylabel("p99 latency (ms)")
-    ticks = sorted({s.concurrency for s, _ in r.sweep} | {m.concurrency for m, _ in r.resnet})
+    ticks = sorted({s.concurrency for s, _ in r.sweep} | {m.concurrency for m, *_ in r.resnet})
     for ax in axes[1]:
         ax.set_yscale("log")  # p99 spans two decades between concurrency 1 and 64
     for ax in axes.flat:
@@ -229,7 +340,14 @@ def write(r: Results, out: Path, leak_low: int, leak_high: int) -> list[Path]:
     md, js, png = out / "results.md", out / "results.json", out / "throughput.png"
     md.write_text(markdown(r, leak_low, leak_high))
     data = {"meta": r.meta, "sweep": [{"server": s.to_dict(), "ceiling": c.to_dict()} for s, c in r.sweep],
-            "resnet": [{"server": m.to_dict(), "ceiling_samples_per_s": c} for m, c in r.resnet],
+            "resnet": [{"server": m.to_dict(), "ceiling_samples_per_s": c,
+                        "transport_ceiling": t.to_dict() if t else None} for m, c, t in r.resnet],
+            "limits": [{"model": s.model, "protocol": s.protocol, "batch": s.batch, "concurrency": s.concurrency,
+                        "server_requests_per_s": s.requests_per_s, "transport_requests_per_s": lim.transport,
+                        "compute_requests_per_s": lim.compute, "formed_batch": lim.formed, "limited_by": lim.by,
+                        "ratio": s.requests_per_s / lim.value if lim.value else None} for s, lim in points(r)],
+            "mlserver": {"note": r.mlserver_note, "points": [{"ours_binary": b.to_dict(), "ours_json": j.to_dict(),
+                                                               "mlserver": m.to_dict()} for b, j, m in r.mlserver]},
             "compute": [c.to_dict() for c in r.compute],
             "batching": {"on": r.batching[0].to_dict(), "off": r.batching[1].to_dict()} if r.batching else None,
             "workers": [{"workers": n, "one": one.to_dict(), "many": many.to_dict()} for n, one, many in r.workers],

@@ -9,14 +9,18 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import orjson
 import pytest
 from google.protobuf import text_format
 
 from bench import models
 from bench.ceiling_server import fixed_reply
+from bench.compute import ComputeCeiling
 from bench.harness import bench_main
-from bench.loadgen import PythonLoad
+from bench.http_ceiling import fixed_reply as http_fixed_reply
+from bench.loadgen import Measurement, PythonLoad
 from bench.procs import ceiling
+from bench.report import Results, limit
 from service._proto import inference_pb2 as pb
 from service._proto import inference_pb2_grpc, model_config_pb2
 
@@ -92,10 +96,60 @@ def test_ceiling_server_answers_model_infer_with_the_fixed_reply(ceiling_server)
     assert stats.model_stats[0].version == "3"
 
 
-def test_python_load_generator_measures_the_ceiling(ceiling_server):
+def test_http_ceiling_answers_tritonclient_with_the_fixed_reply_of_our_codec(ceiling_server):
+    """The HTTP ceiling, on the same process and loop as the gRPC one, answers a real client with the bytes our
+    codec writes for zeros (binary outputs), and what perf_analyzer -i http asks first."""
+    import tritonclient.http as httpclient
+
+    target, cfg = ceiling_server
+    client = httpclient.InferenceServerClient(target.url_for("http"))
+    image = httpclient.InferInput("image", [4, 1, 8, 8], "FP32")
+    image.set_data_from_numpy(np.ones((4, 1, 8, 8), np.float32), binary_data=True)
+    outputs = [httpclient.InferRequestedOutput(n, binary_data=True) for n in ("logits", "probabilities")]
+    result = client.infer(models.DIGITS, [image], model_version="3", outputs=outputs)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(models.DIGITS, "3")
+    meta = client.get_model_metadata(models.DIGITS, "3")
+    config = client.get_model_config(models.DIGITS)
+    stats = client.get_inference_statistics(models.DIGITS, "3")
+    client.close()
+    for name in ("logits", "probabilities"):
+        assert result.as_numpy(name).tolist() == np.zeros((4, 10), np.float32).tolist()
+    body, header_length = http_fixed_reply(cfg, 4, "3")
+    assert header_length == len(body) - 2 * 160 and orjson.loads(body[:header_length]) == {
+        "model_name": models.DIGITS, "model_version": "3", "outputs": [
+            {"name": n, "datatype": "FP32", "shape": [4, 10], "parameters": {"binary_data_size": 160}}
+            for n in ("logits", "probabilities")]}
+    assert meta["versions"] == ["3"] and meta["inputs"][0]["shape"] == [-1, 1, 8, 8]
+    assert config["name"] == models.DIGITS and config["max_batch_size"] == 256
+    assert stats["model_stats"][0]["inference_stats"]["success"] == {"count": 0, "ns": 0}
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_python_load_generator_measures_the_ceiling(ceiling_server, protocol):
     target, _ = ceiling_server
-    m = PythonLoad().run(target.url, models.DIGITS, "3", 4, 2, 50, "transport ceiling")
-    assert m.requests == 50 and m.infer_per_s > 0 and 0 < m.p50_ms <= m.p90_ms <= m.p99_ms
+    m = PythonLoad().run(target.url_for(protocol), models.DIGITS, "3", 4, 2, 50, "transport ceiling", protocol)
+    assert m.requests == 50 and m.protocol == protocol
+    assert m.infer_per_s > 0 and 0 < m.p50_ms <= m.p90_ms <= m.p99_ms
+
+
+def test_limit_is_the_lower_of_the_transport_and_the_compute_ceiling_at_the_batch_formed():
+    r = Results({}, models.DIGITS, models.RESNET, max_batch={models.DIGITS: 256, models.RESNET: 0})
+    r.compute = [ComputeCeiling(models.DIGITS, b, 10, rate, 1.0, 1) for b, rate in ((1, 4000.0), (32, 64000.0),
+                                                                                    (256, 80000.0))]
+    r.compute += [ComputeCeiling(models.RESNET, 1, 10, 900.0, 1.0, 2), ComputeCeiling(models.RESNET, 1, 10, 1100.0,
+                                                                                      1.0, 2)]
+
+    def m(model: str, batch: int, conc: int, rate: float) -> Measurement:
+        return Measurement("x", model, batch, conc, 0, rate * batch, 1.0, 1.0, 1.0, "test")
+
+    one = limit(r, m(models.DIGITS, 1, 1, 1000.0), m(models.DIGITS, 1, 1, 2000.0))
+    assert (one.transport, one.compute, one.formed, one.value, one.by) == (2000.0, 4000.0, 1, 2000.0, "transport")
+    merged = limit(r, m(models.DIGITS, 1, 32, 1000.0), m(models.DIGITS, 1, 32, 70000.0))
+    assert (merged.formed, merged.compute, merged.by) == (32, 64000.0, "compute (batch 32)")
+    capped = limit(r, m(models.DIGITS, 32, 64, 100.0), m(models.DIGITS, 32, 64, 5000.0))
+    assert (capped.formed, capped.compute, capped.value) == (256, 2500.0, 2500.0)  # max_batch_size caps the merge
+    heavy = limit(r, m(models.RESNET, 1, 16, 100.0), None)  # no dynamic batching: the request's own batch
+    assert (heavy.formed, heavy.compute, heavy.value, heavy.by) == (1, 1000.0, 1000.0, "compute (batch 1)")
 
 
 @pytest.mark.slow
@@ -104,34 +158,45 @@ def test_bench_smoke_run_writes_a_well_formed_report(tmp_path):
     rc = bench_main(["--repository", str(_published(tmp_path / "models")), "--out", str(out),
                      "--concurrency", "2", "--batches", "1,2", "--resnet-concurrency", "1", "--seconds", "0.5",
                      "--compute-seconds", "0.2", "--leak-requests", "100", "--leak-rounds", "2",
-                     "--resnet-widths", "4,8", "--profile", "off", "--repeats", "2"])
+                     "--resnet-widths", "4,8", "--profile", "off", "--repeats", "2", "--http-concurrency", "2",
+                     "--mlserver", "off"])
     assert rc == 0, (out / "results.md").read_text()
     md = (out / "results.md").read_text()
     data = json.loads((out / "results.json").read_text())
 
     targets = md.split("## Targets", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in targets.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == 5 and all(r.rstrip().endswith(("PASS |", "**FAIL** |", "not measured |")) for r in rows)
+    assert len(rows) == 8 and all(r.rstrip().endswith(("PASS |", "**FAIL** |", "not measured |")) for r in rows)
     assert "published" in md and "digits_cnn_nobatch" in md
 
-    assert {(p["server"]["batch"], p["server"]["concurrency"]) for p in data["sweep"]} == {(1, 2), (2, 2)}
+    assert sorted((p["server"]["protocol"], p["server"]["batch"], p["server"]["concurrency"]) for p in data["sweep"]) \
+        == [("grpc", 1, 2), ("grpc", 2, 2), ("http", 1, 2), ("http", 2, 2)]
     for p in data["sweep"]:
         for side in ("server", "ceiling"):
             assert p[side]["infer_per_s"] > 0 and 0 < p[side]["p50_ms"] <= p[side]["p99_ms"]
             assert p[side]["runs"] == 2  # ABBA: each side measured twice
-    assert {(c["model"], c["batch"]) for c in data["compute"]} == {(m, b) for m in ("digits_cnn", "bench_resnet")
-                                                                   for b in (1, 2)}
-    assert [m["server"]["batch"] for m in data["resnet"]] == [1, 2]
-    assert all(m["ceiling_samples_per_s"] > 0 for m in data["resnet"])
+            assert p[side]["protocol"] == p["server"]["protocol"]
+    # the request batches, and every batch the server could form (2 in flight; 1 for the resnet points)
+    assert {(c["model"], c["batch"]) for c in data["compute"]} == {("digits_cnn", b) for b in (1, 2, 4)} | {
+        ("bench_resnet", b) for b in (1, 2)}
+    assert [(m["server"]["batch"], m["server"]["protocol"]) for m in data["resnet"]] == [
+        (1, "grpc"), (1, "http"), (2, "grpc"), (2, "http")]
+    assert all(m["ceiling_samples_per_s"] > 0 and m["transport_ceiling"]["infer_per_s"] > 0 for m in data["resnet"])
+    assert len(data["limits"]) == len(data["sweep"]) + len(data["resnet"])
+    assert all(p["ratio"] > 0 and p["limited_by"] != "-" for p in data["limits"])
+    assert data["mlserver"] == {"note": "not measured: --mlserver off", "points": []}
     assert data["batching"]["on"]["model"] == "digits_cnn" and data["batching"]["off"]["model"] == "digits_cnn_nobatch"
     assert [p["requests"] for p in data["leak"]] == [100, 200] and all(p["rss_bytes"] > 0 for p in data["leak"])
     assert [(w["workers"] >= 2, w["one"]["concurrency"]) for w in data["workers"]] == [(True, 2)]
     assert all(w[side]["infer_per_s"] > 0 for w in data["workers"] for side in ("one", "many"))
-    assert len(data["targets"]) == 5 and not data["errors"]
-    assert [c["target"] for c in data["cpu_per_request"]] == ["server (digits_cnn)", "transport ceiling"] * 2 + [
-        "server (digits_cnn_nobatch)"] and all(c["ms_per_request"] > 0 for c in data["cpu_per_request"])
+    assert len(data["targets"]) == 8 and not data["errors"]
+    assert [(c["target"], c["protocol"]) for c in data["cpu_per_request"]] == [
+        ("server (digits_cnn)", "grpc"), ("transport ceiling", "grpc")] * 2 + [
+        ("server (digits_cnn_nobatch)", "grpc"), ("server (digits_cnn)", "http"), ("transport ceiling", "http")]
+    assert all(c["ms_per_request"] > 0 for c in data["cpu_per_request"])
     # the table rows: one per measured point, each with a ratio
     assert md.count("x** |") >= len(data["sweep"]) + len(data["resnet"])
+    assert "### HTTP beside gRPC" in md and "MLServer: not measured: --mlserver off" in md
 
     png = (out / "throughput.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
