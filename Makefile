@@ -50,9 +50,10 @@ bench: install
 
 # Long forms of tests that CI runs short: 10 minutes at concurrency 64 over the example models; 100k fuzz cases
 # over gRPC, 70k over HTTP.
+# -o timeout: pytest's own 600 s limit (pyproject) would end a 600 s soak before it reports.
 soak: install
 	@if ! ls $(REPO)/*/config.pbtxt >/dev/null 2>&1; then $(MAKE) models; fi
-	$(BIN)/pytest -q -s tests/test_soak.py --soak-seconds 600 --soak-repository $(REPO)
+	$(BIN)/pytest -q -s -o timeout=1200 tests/test_soak.py --soak-seconds 600 --soak-repository $(REPO)
 
 fuzz: install
 	FUZZ_EXAMPLES=50000 FUZZ_MUTATIONS=50000 $(BIN)/pytest -q tests/test_fuzz.py

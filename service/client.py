@@ -41,6 +41,13 @@ def _examples(repository: Path, model: str, version: str) -> Path:
 
 
 def _feeds(args, md: dict) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    if args.label is not None:  # a conditional generator: z ~ N(0, 1) and the label asked for, --count samples
+        specs = {t["name"]: t for t in md["inputs"]}
+        if set(specs) != {"z", "label"}:
+            raise SystemExit(f"--label is for generators with inputs z and label; {args.model} has {', '.join(specs)}")
+        latent = specs["z"]["shape"][-1]
+        z = np.random.default_rng(args.seed).standard_normal((args.count, latent)).astype(np.float32)
+        return {"z": z, "label": np.full(args.count, args.label, np.int64)}, None
     if args.examples:
         data = np.load(_examples(Path(args.repository), args.model, args.version), allow_pickle=False)
         return {t["name"]: data[t["name"]] for t in md["inputs"] if t["name"] in data}, data.get("label")
@@ -69,6 +76,11 @@ def infer_main(argv: list[str]) -> int:
                    "(repeatable: one sample each)")
     p.add_argument("--repository", default="models", help="where --examples looks for examples.npz")
     p.add_argument("--top", type=int, default=3, help="classes to show per sample for classifiers")
+    p.add_argument("--label", type=int, default=None, help="a conditional generator (digits_gan, digits_vae): "
+                   "draw samples of this class")
+    p.add_argument("--count", type=int, default=16, help="samples to draw with --label")
+    p.add_argument("--seed", type=int, default=0, help="seed of the latent draws with --label")
+    p.add_argument("--png", default="", help="write an image output (e.g. a generator's samples) as one PNG grid")
     p.add_argument("--token", default="", help="bearer token for a server started with --auth-token-file")
     p.add_argument("--tls-ca", default="", help="CA bundle to verify a TLS server")
     p.add_argument("--timeout", type=float, default=30.0)
@@ -91,6 +103,14 @@ def infer_main(argv: list[str]) -> int:
     finally:
         client.close()
     print(f"{args.model} version {served}")
+    if args.png:
+        from service.images import grid_png
+
+        images = [a for a in results.values() if a.ndim == 4 and a.shape[1] == 1 and a.dtype != object]
+        if not images:
+            raise SystemExit(f"--png: {args.model} has no image output ([N, 1, H, W])")
+        grid_png(images[0], args.png)
+        print(f"  wrote {len(images[0])} images to {args.png}")
     for name, arr in results.items():
         print(f"  {name} {arr.dtype} {list(arr.shape)}")
     if top is not None:

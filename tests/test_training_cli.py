@@ -223,7 +223,7 @@ def test_resume_after_sigkill_continues_from_the_checkpoint(tmp_path: Path) -> N
     data = load(spec)
     torch.manual_seed(0)
     net = build(spec, torch.as_tensor(data.train.x[:2]), 10)
-    straight = fit(net, make_task(spec, 10), data, spec, None, False, torch.device("cpu"), "", quiet=True)
+    straight = fit(net, make_task(spec, 10), data, spec, quiet=True)
     assert resumed == pytest.approx([r["val_loss"] for r in straight.history], rel=1e-6)
 
     done = train(tmp_path, "digits_cnn", "--epochs", str(epochs + 1), "--resume")

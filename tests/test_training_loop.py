@@ -33,8 +33,7 @@ def train(data, sets: list[str], epochs: int = 3, job: str = "digits_cnn"):
         data = hold_out(data, spec["data"]["anomaly_class"])
     torch.manual_seed(spec["train"]["seed"])
     net = build(spec, torch.as_tensor(data.train.x[:2]), data.num_classes)
-    result = fit(net, make_task(spec, data.num_classes), data, spec, None, False, torch.device("cpu"), "",
-                 quiet=True)
+    result = fit(net, make_task(spec, data.num_classes), data, spec, quiet=True)
     return net, result, spec
 
 
@@ -174,10 +173,12 @@ def test_early_stopping_stops_and_restores_the_best_epoch(digits) -> None:
 
 @pytest.mark.parametrize(("cell", "layers", "conv"), [("gru", 1, 16), ("lstm", 2, 8), ("gru", 2, 0)])
 def test_stream_cell_steps_to_the_whole_sequence_answer(cell: str, layers: int, conv: int) -> None:
-    from training.nets_seq import RecurrentNet, StreamCell
+    from training.nets_seq import RecurrentConfig, RecurrentNet, StreamCell
 
     torch.manual_seed(0)
-    net = RecurrentNet(10, conv, 3, [1, 2], cell, 12, layers, False, "gelu", 0.0, True).eval()
+    net = RecurrentNet(RecurrentConfig(classes=10, conv_channels=conv, kernel_size=3, dilations=[1, 2], cell=cell,
+                                       hidden=12, layers=layers, bidirectional=False, activation="gelu", dropout=0.0,
+                                       batch_norm=True)).eval()
     for m in net.modules():  # non-trivial batch-norm statistics, so eval-mode normalisation is exercised
         if isinstance(m, nn.BatchNorm1d):
             m.running_mean.uniform_(-0.5, 0.5)
@@ -191,4 +192,4 @@ def test_stream_cell_steps_to_the_whole_sequence_answer(cell: str, layers: int, 
         whole = net(x)
     assert torch.allclose(y, whole, atol=1e-5), float((y - whole).abs().max())
     with pytest.raises(ValueError, match="bidirectional"):
-        StreamCell(RecurrentNet(10, 0, 3, [1], "gru", 8, 1, True, "relu", 0.0, False))
+        StreamCell(RecurrentNet(RecurrentConfig(conv_channels=0, dilations=[1], hidden=8, bidirectional=True)))

@@ -56,7 +56,7 @@ def plot_curve(history: list[dict[str, float]], path: Path, title: str) -> None:
     ax_loss.set_xlabel("epoch")
     ax_loss.set_yscale("log")
     ax_loss.legend()
-    for key in ("train_accuracy", "val_accuracy", "val_auroc"):
+    for key in ("train_accuracy", "val_accuracy", "val_auroc", "train_d_loss", "train_g_loss", "val_kl"):
         if any(key in r for r in history):
             ax_metric.plot(epochs, [r.get(key, np.nan) for r in history], label=key)
     ax_metric.set_xlabel("epoch")

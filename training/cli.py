@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from training.spec import Options, SpecError, available_jobs
+from training.spec import Options, SpecError, available_jobs, training_order
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,7 +127,7 @@ def _run_one(job: str, opts: Any) -> tuple[int, dict[str, Any] | None]:
 def _run_all(opts: Any) -> int:
     results = []
     status = 0
-    for job in available_jobs():
+    for job in training_order():
         code, summary = _run_one(job, opts)
         status = status or code
         results.append(_verdict(summary) if summary and "version" in summary else f"{job:<20} FAILED")

@@ -15,7 +15,9 @@ from training.spec import SpecError
 from training.text_data import encode_texts, load_chatterbot, load_textdir
 
 # Input tensor name per model family: fixed by the repository contract (server, clients and tests rely on them).
-INPUT_NAMES = {"cnn": "image", "rnn": "signal", "transformer": "tokens", "autoencoder": "features"}
+INPUT_NAMES = {"cnn": "image", "rnn": "signal", "transformer": "tokens", "autoencoder": "features", "gan": "image",
+               "cvae": "image"}
+IMAGE_ARCHS = ("cnn", "gan", "cvae")  # nets that read [N, 1, H, W]
 
 
 @dataclass
@@ -74,7 +76,7 @@ def _digits(arch: str) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, Any
 
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)  # pixel counts 0..16 -> [0, 1], the scale the published model expects
-    x = x.reshape(-1, 1, 8, 8) if arch == "cnn" else x
+    x = x.reshape(-1, 1, 8, 8) if arch in IMAGE_ARCHS else x
     return x, y.astype(np.int64), [str(i) for i in range(10)], {
         "name": "scikit-learn load_digits (UCI optdigits, 8x8 scans, pixel values / 16)", "samples": len(y)}
 
@@ -118,10 +120,10 @@ def _npz(path: Path, arch: str) -> tuple[np.ndarray, np.ndarray, list[str], dict
         raise SpecError(f"{where}: 'x' has {len(x)} rows but 'y' has {len(y)}; expected one label per sample")
     if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
         raise SpecError(f"{where}: 'x' has dtype {x.dtype} or non-finite values; expected finite numbers")
-    expected = {"cnn": "[N, H, W] or [N, 1, H, W] images (H, W >= 4)", "rnn": "[N, T] or [N, T, 1] sequences",
-                "autoencoder": "[N, D] feature vectors"}[arch]
+    expected = {"rnn": "[N, T] or [N, T, 1] sequences", "autoencoder": "[N, D] feature vectors"}.get(
+        arch, "[N, H, W] or [N, 1, H, W] images (H, W >= 4)")
     x = x.astype(np.float32)
-    if arch == "cnn":
+    if arch in IMAGE_ARCHS:
         x = x[:, None] if x.ndim == 3 else x
         ok = x.ndim == 4 and x.shape[1] == 1 and min(x.shape[2:]) >= 4
     elif arch == "rnn":

@@ -17,6 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from training.tasks import anomaly_score
+from training.tokens import PAD_ID, TOKEN_OFFSET, VOCAB_SIZE
+
 BATCHES = (1, 7, 64)
 LENGTHS = (5, 40, 100)
 
@@ -47,7 +50,7 @@ class Detector(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, _ = self.net(x)
         recon = torch.sigmoid(logits)
-        return recon, ((recon - x) ** 2).mean(dim=-1)
+        return recon, anomaly_score(recon, x)
 
 
 def wrap(net: nn.Module, task_kind: str) -> tuple[nn.Module, list[str]]:
@@ -90,7 +93,7 @@ def export(net: nn.Module, task_kind: str, input_name: str, sample: np.ndarray, 
     example = torch.as_tensor(sample[:2])
     if is_sequence(sample):
         dims[1] = Dim("time", min=1, max=max_length)
-        example = example[:, :3] if example.dtype != torch.long else torch.randint(1, 257, (2, 3))
+        example = example[:, :3] if example.dtype != torch.long else torch.randint(TOKEN_OFFSET, VOCAB_SIZE, (2, 3))
     onnx_export(module, example, path, [input_name], outputs, [dims])
     return outputs
 
@@ -100,10 +103,10 @@ def _inputs(sample: np.ndarray, batch: int, length: int | None, rng: np.random.G
     random lengths, so the padding path is checked too."""
     if sample.dtype == np.int64:
         assert length is not None
-        x = rng.integers(1, 257, size=(batch, length), dtype=np.int64)
+        x = rng.integers(TOKEN_OFFSET, VOCAB_SIZE, size=(batch, length), dtype=np.int64)
         for i, n in enumerate(rng.integers(1, length + 1, size=batch)):
-            x[i, n:] = 0
-        x[0, :] = rng.integers(1, 257, size=length)  # at least one full-length row
+            x[i, n:] = PAD_ID
+        x[0, :] = rng.integers(TOKEN_OFFSET, VOCAB_SIZE, size=length)  # at least one full-length row
         return x
     reps = -(-batch // len(sample))
     x = np.concatenate([sample] * reps)[:batch]
@@ -155,10 +158,10 @@ def padding_check(sess: Any, outputs: list[str], input_name: str, rng: np.random
     """A text alone and the same text padded inside a longer batch must score the same (the server batches them)."""
     worst = 0.0
     for n in (1, 5, 40):
-        row = rng.integers(1, 257, size=(1, n), dtype=np.int64)
+        row = rng.integers(TOKEN_OFFSET, VOCAB_SIZE, size=(1, n), dtype=np.int64)
         alone = sess.run(outputs, {input_name: row})
-        batch = rng.integers(1, 257, size=(3, n + 17), dtype=np.int64)
-        batch[1] = 0
+        batch = rng.integers(TOKEN_OFFSET, VOCAB_SIZE, size=(3, n + 17), dtype=np.int64)
+        batch[1] = PAD_ID
         batch[1, :n] = row[0]
         padded = sess.run(outputs, {input_name: batch})
         worst = max(worst, *(float(np.max(np.abs(a[0] - p[1]))) for a, p in zip(alone, padded, strict=True)))

@@ -15,12 +15,15 @@ import torch
 from training import card as cards
 from training.data import Dataset, hold_out, load
 from training.export import export, parity
+from training.generative import export_sampler, sampler_parity, write_sampler_examples
 from training.loop import Dist, FitResult, Log, fit
 from training.nets import build
 from training.publish import ModelSpec, Tensor, publish
+from training.quality import find_judge, sample_quality
 from training.quantize import compare, quantize, run_all
 from training.spec import Options, SpecError, fingerprint, resolve
 from training.tasks import auroc, make_task
+from training.tokens import PAD_ID, TOKEN_OFFSET
 
 
 def pick_device(name: str, dist: Dist) -> torch.device:
@@ -42,8 +45,8 @@ def model_spec(name: str, data: Dataset, task_kind: str, outputs: list[str], max
     params: dict[str, str] = {}
     if x.dtype == np.int64:
         dims = [-1]
-        params = {"text_input": data.input_name, "text_encoding": "utf8_bytes", "text_offset": "1",
-                  "text_pad_id": "0", "text_max_length": str(max_length)}
+        params = {"text_input": data.input_name, "text_encoding": "utf8_bytes", "text_offset": str(TOKEN_OFFSET),
+                  "text_pad_id": str(PAD_ID), "text_max_length": str(max_length)}
     elif x.ndim == 3 and x.shape[-1] == 1:
         dims = [-1, 1]
     else:
@@ -57,6 +60,22 @@ def model_spec(name: str, data: Dataset, task_kind: str, outputs: list[str], max
     return ModelSpec(name, inputs, outs, params)
 
 
+def sampler_spec(name: str, net: torch.nn.Module, data: Dataset) -> ModelSpec:
+    """A generator's contract: z FP32 [B, latent] and label INT64 [B] in, image FP32 [B, 1, H, W] out."""
+    inputs = [Tensor("z", "float32", [net.config.latent]), Tensor("label", "int64", [])]
+    return ModelSpec(name, inputs, [Tensor("image", "float32", list(data.test.x.shape[1:]))])
+
+
+def export_sampler_and_judge(net: torch.nn.Module, data: Dataset, spec: dict[str, Any], path: Path,
+                             judge: tuple[Path, int]) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+    """Export the sampler alone, check it against torch, and judge its samples from the exported file."""
+    sampler, latent, seed = net.sampler(), net.config.latent, spec["train"]["seed"]
+    outputs = export_sampler(sampler, latent, path)
+    checked = sampler_parity(sampler, latent, data.num_classes, path, spec["export"]["tolerance"], seed)
+    quality = sample_quality(path, judge[0], judge[1], data, latent, spec["evaluate"]["samples_per_label"], seed)
+    return outputs, checked, quality
+
+
 def sweep(spec: dict[str, Any], full: Dataset, device: torch.device, dist: Dist, log: Log,
           done: dict[int, float]) -> dict[str, float]:
     """AUROC with each class held out in turn (same spec and seed), the number the autoencoder is judged by."""
@@ -66,7 +85,7 @@ def sweep(spec: dict[str, Any], full: Dataset, device: torch.device, dist: Dist,
             view = hold_out(full, c)
             net = build(spec, torch.as_tensor(view.train.x[:2]), 0)
             task = make_task(spec, 0)
-            fit(net, task, view, spec, None, False, device, "", log, dist, quiet=True)
+            fit(net, task, view, spec, device=device, log=log, dist=dist, quiet=True)
             done[c] = task.test_metrics(net, torch.as_tensor(view.test.x), torch.as_tensor(view.test.y), 512,
                                         None)["auroc"]
         result[(full.labels or [])[c]] = done[c]
@@ -86,7 +105,7 @@ def run_job(job: str, opts: Options, log: Log = print) -> dict[str, Any]:
     began = time.perf_counter()
     flags = {"train.epochs": opts.epochs, "train.seed": opts.seed, "train.device": opts.device}
     spec = resolve(job, opts.config, opts.sets, flags)
-    if spec["task"] == "generate":  # a language model: its own data, steps, metrics and export (training.gpt_job)
+    if spec["model"]["arch"] == "gpt":  # a language model: its own data, steps, metrics and export (gpt_job)
         from training.gpt_job import run_gpt
 
         return run_gpt(spec, opts, log)
@@ -101,14 +120,18 @@ def run_job(job: str, opts: Options, log: Log = print) -> dict[str, Any]:
     kind = spec["task"]
     if kind == "autoencode":
         data = hold_out(full, spec["data"]["anomaly_class"])
+    judge = find_judge(opts.repository, spec["evaluate"]["judge"], job) if kind == "generate" else None
+    if judge is not None and opts.quantize:
+        raise SpecError(f"--quantize {opts.quantize}: {job} publishes a generator; int8 is for the classifiers and "
+                        "the detector")
     if dist.main:
         log(f"{job}: {data.source['name']}; split {data.sizes()}; device {device}")
     task = make_task(spec, data.num_classes)
     torch.manual_seed(spec["train"]["seed"])
     net = build(spec, torch.as_tensor(data.train.x[:2]), data.num_classes)
     quiet_log: Log = log if dist.main else (lambda line: None)
-    fitted: FitResult = fit(net, task, data, spec, opts.runs / job, opts.resume, device, fingerprint(spec),
-                            quiet_log, dist)
+    fitted: FitResult = fit(net, task, data, spec, run_dir=opts.runs / job, resume=opts.resume, device=device,
+                            fingerprint=fingerprint(spec), log=quiet_log, dist=dist)
     net.cpu().eval()
     x_test, y_test = torch.as_tensor(data.test.x), torch.as_tensor(data.test.y)
     test = task.test_metrics(net, x_test, y_test, 512, data.labels)
@@ -126,17 +149,27 @@ def run_job(job: str, opts: Options, log: Log = print) -> dict[str, Any]:
     tolerance = spec["export"]["tolerance"]
     with tempfile.TemporaryDirectory(prefix=f"deepserve-{job}-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
-        outputs = export(net, kind, data.input_name, data.test.x, onnx_path, max_length)
-        checked = parity(net, kind, data.input_name, data.test.x, onnx_path, tolerance, spec["train"]["seed"])
-        log(f"{job}: export ok, parity max |torch - onnxruntime| = {checked['max_abs_diff']:.2e}")
-        onnx_metric = ort_score(onnx_path, data, kind)
-        test["onnxruntime_" + ("auroc" if kind == "autoencode" else "accuracy")] = onnx_metric
+        quality: dict[str, Any] | None = None
+        if judge is not None:
+            outputs, checked, quality = export_sampler_and_judge(net, data, spec, onnx_path, judge)
+            test.update({k: quality[k] for k in ("sample_accuracy", "frechet_distance", "frechet_distance_real_train")})
+            log(f"{job}: export ok, parity max |torch - onnxruntime| = {checked['max_abs_diff']:.2e}; "
+                f"{quality['samples']} samples judged by {spec['evaluate']['judge']} v{judge[1]}: accuracy "
+                f"{quality['sample_accuracy']:.4f}, Frechet distance {quality['frechet_distance']:.3f} (real train "
+                f"vs test: {quality['frechet_distance_real_train']:.3f})")
+        else:
+            outputs = export(net, kind, data.input_name, data.test.x, onnx_path, max_length)
+            checked = parity(net, kind, data.input_name, data.test.x, onnx_path, tolerance, spec["train"]["seed"])
+            log(f"{job}: export ok, parity max |torch - onnxruntime| = {checked['max_abs_diff']:.2e}")
+            onnx_metric = ort_score(onnx_path, data, kind)
+            test["onnxruntime_" + ("auroc" if kind == "autoencode" else "accuracy")] = onnx_metric
         extra = None
         if spec["model"]["arch"] == "rnn" and spec["export"].get("stream", False):
             from training.stream import prepare_stream
 
             extra = prepare_stream(net, job, data, Path(tmp), tolerance)
-        spec_out = model_spec(job, data, kind, outputs, max_length)
+        spec_out = sampler_spec(job, net, data) if judge is not None else model_spec(job, data, kind, outputs,
+                                                                                    max_length)
         card: dict[str, Any] = {
             "job": job, "task": kind, "data": {**data.source, "splits": data.sizes(), "labels": data.labels},
             "spec": spec, "history": fitted.history, "best_epoch": fitted.best_epoch,
@@ -148,13 +181,19 @@ def run_job(job: str, opts: Options, log: Log = print) -> dict[str, Any]:
             "seconds": {"train": round(fitted.train_seconds, 2), "held_out_sweep": round(sweep_seconds, 2),
                         "until_trained": round(trained - began, 2)},
         }
+        if quality is not None:
+            card["quality"] = quality
 
         def write(folder: Path, version: int, src: Path = onnx_path, card: dict[str, Any] = card) -> None:
             (folder / "model.onnx").write_bytes(src.read_bytes())
             card["seconds"]["total"] = round(time.perf_counter() - began, 2)
             cards.write_card(folder / "card.json", {"name": spec_out.name, "version": version, **card})
             cards.plot_curve(fitted.history, folder / "training_curve.png", f"{spec_out.name} v{version}")
-            cards.write_examples(folder / "examples.npz", data)
+            if judge is not None:
+                write_sampler_examples(folder / "examples.npz", net.config.latent, data.num_classes,
+                                       spec["train"]["seed"])
+            else:
+                cards.write_examples(folder / "examples.npz", data)
 
         version, where = publish(opts.repository, spec_out, write, data.labels)
         seconds = time.perf_counter() - began

@@ -14,9 +14,9 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,7 +25,11 @@ from tqdm import tqdm
 from training.augment import make_augment
 from training.distributed import Dist, all_reduce, digest, from_main, gather, shard, sync_buffers
 from training.spec import SpecError
-from training.tasks import trim
+from training.tasks import Task, trim
+from training.tokens import PAD_ID
+
+if TYPE_CHECKING:
+    from training.data import Dataset
 
 Log = Callable[[str], None]
 
@@ -39,6 +43,34 @@ class FitResult:
     train_seconds: float = 0.0
     samples_per_epoch: int = 0  # summed over ranks: len(train) when the shards cover the data once
     rank_digests: list[str] = field(default_factory=list)  # sha256 of the final weights, per rank
+
+
+@dataclass
+class Checkpoint:
+    """What checkpoint.pt holds after each epoch: enough to go on as if never stopped. The field names are the
+    file's keys (tests and users read `best_model` from it), written and read only through this class."""
+
+    fingerprint: str
+    epoch: int  # epochs done
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+    schedule: dict[str, Any] | None
+    history: list[dict[str, float]]
+    best_value: float
+    bad_epochs: int
+    best_model: dict[str, Any]
+    best_epoch: int
+    stopped_early: bool
+
+    def save(self, path: Path) -> None:
+        """Write-then-rename: a kill during the write leaves the previous checkpoint intact."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({f.name: getattr(self, f.name) for f in fields(self)}, tmp)  # not asdict: it deep-copies
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device) -> Checkpoint:
+        return cls(**torch.load(path, map_location=device, weights_only=False))
 
 
 def seed_everything(seed: int) -> None:
@@ -55,10 +87,11 @@ def make_optimizer(params: Any, t: dict[str, Any]) -> torch.optim.Optimizer:
     name, lr, wd = t["optimizer"], t["lr"], t["weight_decay"]
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=t["momentum"], nesterov=t["momentum"] > 0, weight_decay=wd)
+    betas = (t.get("beta1", 0.9), 0.999)  # torch's default unless a spec has beta1 (a GAN's is 0.5)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=wd)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd)
     return torch.optim.RMSprop(params, lr=lr, momentum=t["momentum"], weight_decay=wd)
 
 
@@ -87,13 +120,6 @@ def penalty(model: nn.Module, l1: float, l2: float) -> torch.Tensor | float:
     if l2:
         total = total + sum(l2 * p.pow(2).sum() for p in weights)
     return total
-
-
-def _save(path: Path, state: dict[str, Any]) -> None:
-    """Write-then-rename: a kill during the write leaves the previous checkpoint intact."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def _order(n: int, seed: int, epoch: int, dist: Dist) -> tuple[list[int], set[int]]:
@@ -125,11 +151,14 @@ def _rows(out: Any, keep: torch.Tensor) -> Any:
     return out[keep]
 
 
-def fit(model: nn.Module, task: Any, data: Any, spec: dict[str, Any], run_dir: Path | None, resume: bool,
-        device: torch.device, fingerprint: str, log: Log = print, dist: Dist | None = None,
-        quiet: bool = False) -> FitResult:
-    """Train `model` in place and leave it holding the best validation weights (early stopping restores them)."""
+def fit(model: nn.Module, task: Task, data: Dataset, spec: dict[str, Any], *, run_dir: Path | None = None,
+        resume: bool = False, device: torch.device | None = None, fingerprint: str = "", log: Log = print,
+        dist: Dist | None = None, quiet: bool = False) -> FitResult:
+    """Train `model` in place and leave it holding the best validation weights (early stopping restores them).
+    `run_dir` holds checkpoint.pt (None: no checkpoints); `fingerprint` is the spec's, so `resume` refuses a
+    checkpoint of other settings."""
     dist = dist or Dist()
+    device = device or torch.device("cpu")
     t = spec["train"]
     seed, epochs = t["seed"], t["epochs"]
     x_train, y_train = torch.as_tensor(data.train.x), torch.as_tensor(data.train.y)
@@ -137,7 +166,7 @@ def fit(model: nn.Module, task: Any, data: Any, spec: dict[str, Any], run_dir: P
     per_rank = max(1, math.ceil(t["batch_size"] / dist.world))
     shard = math.ceil(len(y_train) / dist.world)
     steps = max(1, math.ceil(shard / per_rank))
-    lengths = (x_train != 0).sum(dim=1) if x_train.dtype == torch.long else None
+    lengths = (x_train != PAD_ID).sum(dim=1) if x_train.dtype == torch.long else None
     seed_everything(seed)
     model.to(device)
     net: nn.Module = model
@@ -157,17 +186,17 @@ def fit(model: nn.Module, task: Any, data: Any, spec: dict[str, Any], run_dir: P
     best_value, best_state, bad, start = math.inf, copy.deepcopy(model.state_dict()), 0, 0
     ckpt = run_dir / "checkpoint.pt" if run_dir is not None else None
     if resume and ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        if state["fingerprint"] != fingerprint:
+        state = Checkpoint.load(ckpt, device)
+        if state.fingerprint != fingerprint:
             raise SpecError(f"--resume: {ckpt} was written for a different spec; rerun with the same options, or "
                             "without --resume to start over")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None and state["schedule"] is not None:
-            sched.load_state_dict(state["schedule"])
-        result.history, best_value, bad = state["history"], state["best_value"], state["bad_epochs"]
-        best_state, result.best_epoch = state["best_model"], state["best_epoch"]
-        result.stopped_early, start = state["stopped_early"], state["epoch"]
+        model.load_state_dict(state.model)
+        opt.load_state_dict(state.optimizer)
+        if sched is not None and state.schedule is not None:
+            sched.load_state_dict(state.schedule)
+        result.history, best_value, bad = state.history, state.best_value, state.bad_epochs
+        best_state, result.best_epoch = state.best_model, state.best_epoch
+        result.stopped_early, start = state.stopped_early, state.epoch
         result.resumed_from = start
         log(f"resumed from {ckpt} after epoch {start}/{epochs}")
     elif resume:
@@ -193,7 +222,7 @@ def fit(model: nn.Module, task: Any, data: Any, spec: dict[str, Any], run_dir: P
             idx = torch.tensor(batch)
             clean, yb = trim(x_train[idx]), y_train[idx].to(device)
             xb, clean = augment(clean, aug_gen).to(device), clean.to(device)
-            out = net(xb)
+            out = task.forward(net, xb, yb)
             loss = task.loss(out, clean, yb)  # an autoencoder rebuilds the clean input from the noisy one
             total = loss + penalty(model, t["l1"], t["l2"])
             opt.zero_grad(set_to_none=True)
@@ -212,7 +241,7 @@ def fit(model: nn.Module, task: Any, data: Any, spec: dict[str, Any], run_dir: P
             n = len(yb)
             loss_sum += float(seen_loss) * n
             count += n
-            for k, v in task.batch_stats(seen if not isinstance(seen, tuple) else seen[0], xb, yb).items():
+            for k, v in task.batch_stats(seen, xb, yb).items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / max(count, 1):.4f}", refresh=False)
@@ -233,6 +262,8 @@ def fit(model: nn.Module, task: Any, data: Any, spec: dict[str, Any], run_dir: P
         row["seconds"] = round(time.perf_counter() - tick, 3)
         result.history.append(row)
         value = sign * row[monitor] if monitor in row else row["train_loss"]  # no validation split: train loss
+        if monitor == "last":  # a GAN's losses do not say which epoch samples best: keep the last
+            value = -float(epoch)
         if value < best_value:
             best_value, bad, result.best_epoch = value, 0, epoch + 1
             best_state = copy.deepcopy(model.state_dict())
@@ -243,11 +274,10 @@ def fit(model: nn.Module, task: Any, data: Any, spec: dict[str, Any], run_dir: P
             log("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         if ckpt is not None and dist.main:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
-            _save(ckpt, {"fingerprint": fingerprint, "epoch": epoch + 1, "model": model.state_dict(),
-                         "optimizer": opt.state_dict(), "schedule": sched.state_dict() if sched else None,
-                         "history": result.history, "best_value": best_value, "bad_epochs": bad,
-                         "best_model": best_state, "best_epoch": result.best_epoch,
-                         "stopped_early": result.stopped_early})
+            Checkpoint(fingerprint=fingerprint, epoch=epoch + 1, model=model.state_dict(),
+                       optimizer=opt.state_dict(), schedule=sched.state_dict() if sched else None,
+                       history=result.history, best_value=best_value, bad_epochs=bad, best_model=best_state,
+                       best_epoch=result.best_epoch, stopped_early=result.stopped_early).save(ckpt)
         if result.stopped_early and dist.main and not quiet:
             log(f"early stopping: {monitor} has not improved for {bad} epochs; best epoch {result.best_epoch}")
     result.train_seconds = time.perf_counter() - began

@@ -4,12 +4,14 @@ byte-level Transformer encoder. Both take a dynamic length; both ignore what lie
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.nets import activation, norm1d
+from training.layers import activation, norm1d
+from training.tokens import PAD_ID, VOCAB_SIZE
 
 
 class CausalConv(nn.Module):
@@ -25,26 +27,42 @@ class CausalConv(nn.Module):
         return self.conv(F.pad(x, (self.pad, 0)))
 
 
+@dataclass
+class RecurrentConfig:
+    classes: int = 10
+    conv_channels: int = 64  # 0 = raw samples straight into the recurrent net
+    kernel_size: int = 5
+    dilations: list[int] = field(default_factory=lambda: [1, 2, 4])
+    cell: str = "gru"  # gru | lstm
+    hidden: int = 64
+    layers: int = 1
+    bidirectional: bool = False
+    activation: str = "gelu"
+    dropout: float = 0.1
+    batch_norm: bool = True
+
+
 class RecurrentNet(nn.Module):
     """Causal dilated convs (local shape features) feeding a GRU/LSTM whose final state is classified. The GRU
     alone reads raw samples poorly (~91% on MNIST-1D); the causal front end keeps the model streamable when the
     recurrent part is unidirectional, which is the default."""
 
-    def __init__(self, classes: int, conv_channels: int, kernel: int, dilations: list[int], cell: str, hidden: int,
-                 layers: int, bidirectional: bool, act: str, dropout: float, batch_norm: bool) -> None:
+    def __init__(self, config: RecurrentConfig) -> None:
         super().__init__()
+        self.config = c = config
         front: list[nn.Module] = []
         c_in = 1
-        for d in dilations if conv_channels > 0 else []:
-            front += [CausalConv(c_in, conv_channels, kernel, d), norm1d(batch_norm, conv_channels), activation(act)]
-            c_in = conv_channels
+        for d in c.dilations if c.conv_channels > 0 else []:
+            front += [CausalConv(c_in, c.conv_channels, c.kernel_size, d), norm1d(c.batch_norm, c.conv_channels),
+                      activation(c.activation)]
+            c_in = c.conv_channels
         self.front = nn.Sequential(*front)
-        rnn = nn.GRU if cell == "gru" else nn.LSTM
-        self.cell, self.hidden, self.layers = cell, hidden, layers
-        self.directions = 2 if bidirectional else 1
-        self.rnn = rnn(c_in, hidden, layers, batch_first=True, bidirectional=bidirectional,
-                       dropout=dropout if layers > 1 else 0.0)
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden * self.directions, classes))
+        rnn = nn.GRU if c.cell == "gru" else nn.LSTM
+        self.cell, self.hidden, self.layers = c.cell, c.hidden, c.layers
+        self.directions = 2 if c.bidirectional else 1
+        self.rnn = rnn(c_in, c.hidden, c.layers, batch_first=True, bidirectional=c.bidirectional,
+                       dropout=c.dropout if c.layers > 1 else 0.0)
+        self.head = nn.Sequential(nn.Dropout(c.dropout), nn.Linear(c.hidden * self.directions, c.classes))
 
     def forward(self, signal: torch.Tensor) -> torch.Tensor:
         z = self.front(signal.transpose(1, 2)).transpose(1, 2)
@@ -135,28 +153,43 @@ class Block(nn.Module):
         return x + self.drop(self.ff(self.ln2(x)))
 
 
+@dataclass
+class ByteTransformerConfig:
+    classes: int = 2
+    dim: int = 128
+    heads: int = 4
+    layers: int = 1
+    ff_mult: int = 2
+    activation: str = "gelu"
+    dropout: float = 0.2
+    max_length: int = 256  # bytes; longer texts are truncated (the server does the same)
+    conv_kernel: int = 0  # byte n-gram conv before attention; 0 = off
+    positions: bool = True  # learned position embeddings
+
+
 class ByteTransformer(nn.Module):
     """Transformer encoder over UTF-8 byte tokens, mean-pooled over the real (non-padding) positions: a row padded
     with zeros gives the same answer as the row alone, which lets a server batch texts of different lengths."""
 
-    def __init__(self, classes: int, dim: int, heads: int, layers: int, ff_mult: int, act: str, dropout: float,
-                 max_length: int, conv_kernel: int = 0, positions: bool = True) -> None:
+    def __init__(self, config: ByteTransformerConfig) -> None:
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"model.dim {dim} must be a multiple of model.heads {heads}")
-        self.embed = nn.Embedding(257, dim, padding_idx=0)
+        self.config = c = config
+        if c.dim % c.heads:
+            raise ValueError(f"model.dim {c.dim} must be a multiple of model.heads {c.heads}")
+        self.embed = nn.Embedding(VOCAB_SIZE, c.dim, padding_idx=PAD_ID)
         # Byte n-gram features before attention: a language shows in its letter sequences, and attention alone
         # needs many epochs to build them. Padding embeds to exactly zero and the conv pads with zeros, so a
         # text's last bytes see the same neighbours whether or not padding follows.
-        self.stem = nn.Conv1d(dim, dim, conv_kernel, padding=conv_kernel // 2) if conv_kernel > 1 else None
-        self.stem_act = activation(act)
-        self.pos = nn.Parameter(torch.randn(max_length, dim) * 0.02) if positions else None
-        self.blocks = nn.ModuleList(Block(dim, heads, ff_mult, act, dropout) for _ in range(layers))
-        self.ln = nn.LayerNorm(dim)
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, classes))
+        k = c.conv_kernel
+        self.stem = nn.Conv1d(c.dim, c.dim, k, padding=k // 2) if k > 1 else None
+        self.stem_act = activation(c.activation)
+        self.pos = nn.Parameter(torch.randn(c.max_length, c.dim) * 0.02) if c.positions else None
+        self.blocks = nn.ModuleList(Block(c.dim, c.heads, c.ff_mult, c.activation, c.dropout) for _ in range(c.layers))
+        self.ln = nn.LayerNorm(c.dim)
+        self.head = nn.Sequential(nn.Dropout(c.dropout), nn.Linear(c.dim, c.classes))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        keep = tokens != 0
+        keep = tokens != PAD_ID
         x = self.embed(tokens)
         if self.stem is not None:
             x = x + self.stem_act(self.stem(x.transpose(1, 2)).transpose(1, 2)) * keep.unsqueeze(-1).to(x.dtype)

@@ -20,14 +20,14 @@ JOBS_DIR = Path(__file__).parent / "jobs"
 CHOICES: dict[str, tuple[str, ...]] = {
     "task": ("classify", "autoencode", "generate"),
     "data.source": ("digits", "mnist1d", "chatterbot", "npz", "textdir"),
-    "model.arch": ("cnn", "rnn", "transformer", "autoencoder", "gpt"),
+    "model.arch": ("cnn", "rnn", "transformer", "autoencoder", "gpt", "gan", "cvae"),
     "model.activation": ("relu", "gelu", "tanh", "sigmoid"),
     "model.cell": ("gru", "lstm"),
     "train.optimizer": ("sgd", "adam", "adamw", "rmsprop"),
     "train.loss": ("cross_entropy", "mse", "bce"),
     "train.schedule": ("none", "step", "cosine", "onecycle"),
     "train.device": ("cpu", "cuda"),
-    "train.early_stopping_metric": ("val_loss", "val_accuracy"),
+    "train.early_stopping_metric": ("val_loss", "val_accuracy", "last"),
 }
 # Numeric keys that must be positive / within [0, 1): a zero batch size or a dropout of 1.5 is a clear error here.
 POSITIVE = ("train.epochs", "train.batch_size", "train.lr", "export.tolerance")
@@ -41,6 +41,19 @@ class SpecError(ValueError):
 
 def available_jobs() -> list[str]:
     return sorted(p.stem for p in JOBS_DIR.glob("*.toml"))
+
+
+def training_order() -> list[str]:
+    """The jobs `train all` runs: alphabetical, except that a job judged by another (evaluate.judge, e.g.
+    digits_gan by digits_cnn) comes after its judge, which it needs published."""
+    order: list[str] = []
+    for job in available_jobs():
+        judge = load_job(job).get("evaluate", {}).get("judge")
+        if judge and judge not in order:
+            order.append(judge)
+        if job not in order:
+            order.append(job)
+    return order
 
 
 def _read_toml(path: Path, what: str) -> dict[str, Any]:

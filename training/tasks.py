@@ -1,9 +1,10 @@
-"""What a job optimises and reports: classification or anomaly detection by reconstruction. The loop is the same for
-both; only the loss, the metrics and the outputs the export adds (probabilities, anomaly score) differ."""
+"""What a job optimises and reports: classification, anomaly detection by reconstruction, or (training.generative)
+sampling images. The loop is the same for all; it sees a job only through the `Task` interface: the forward pass,
+the loss, the metrics."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -11,6 +12,39 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.spec import SpecError
+from training.tokens import PAD_ID
+
+
+class Task(Protocol):
+    """What `training.loop.fit` needs from a job. `out` is whatever `forward` returns (logits; a tuple for nets
+    with a regulariser or several losses); tuples' per-row tensors are filtered along with the batch's rows."""
+
+    kind: str
+
+    def forward(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Any:
+        """The training forward pass: most nets read x alone; a conditional generator also needs the labels."""
+        ...
+
+    def loss(self, out: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+    def batch_stats(self, out: Any, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Sums over the batch's rows; `epoch_metrics` turns the epoch's sums into the row's train_* figures."""
+        ...
+
+    def epoch_metrics(self, sums: dict[str, float], count: int) -> dict[str, float]: ...
+
+    def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> dict[str, float]:
+        """The validation figures of an epoch (val_loss among them, unless early stopping monitors nothing)."""
+        ...
+
+    def test_metrics(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int,
+                     labels: list[str] | None) -> dict[str, Any]: ...
+
+
+def anomaly_score(reconstruction: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared reconstruction error: what the detector is scored by in training and what the
+    exported model outputs as `anomaly_score`. One formula, so the two cannot drift apart."""
+    return ((reconstruction - features) ** 2).mean(dim=-1)
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -27,6 +61,9 @@ class Classify:
 
     def __init__(self, loss: str, classes: int, label_smoothing: float = 0.0) -> None:
         self.loss_name, self.classes, self.smoothing = loss, classes, label_smoothing
+
+    def forward(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return net(x)
 
     def loss(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.loss_name == "cross_entropy":
@@ -67,6 +104,9 @@ class Autoencode:
             raise SpecError("train.loss = 'cross_entropy' does not fit an autoencoder; expected 'mse' or 'bce'")
         self.loss_name, self.kl_weight = loss, kl_weight
 
+    def forward(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return net(x)
+
     def loss(self, out: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits, kl = out
         normal = y == 0
@@ -85,13 +125,12 @@ class Autoencode:
 
     @staticmethod
     def scores(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
-        logits = predict(model, x, batch)
-        return ((torch.sigmoid(logits) - x) ** 2).mean(dim=-1)
+        return anomaly_score(torch.sigmoid(predict(model, x, batch)), x)
 
     def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> dict[str, float]:
         logits = predict(model, x, batch)
         kl = torch.zeros(())
-        score = ((torch.sigmoid(logits) - x) ** 2).mean(dim=-1)
+        score = anomaly_score(torch.sigmoid(logits), x)
         return {"loss": float(self.loss((logits, kl), x, y)),
                 "auroc": auroc(y.numpy(), score.numpy())}
 
@@ -109,7 +148,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    order = torch.argsort((x != 0).sum(dim=1), stable=True) if x.dtype == torch.long else torch.arange(len(x))
+    order = torch.argsort((x != PAD_ID).sum(dim=1), stable=True) if x.dtype == torch.long else torch.arange(len(x))
     outs = []
     for i in range(0, len(x), batch):
         xb = trim(x[order[i:i + batch]]).to(device)
@@ -124,11 +163,15 @@ def trim(x: torch.Tensor) -> torch.Tensor:
     """Token batches lose the padding columns no row uses: the cost of attention follows the longest row."""
     if x.dtype != torch.long or x.numel() == 0:
         return x
-    return x[:, : max(1, int((x != 0).sum(dim=1).max()))]
+    return x[:, : max(1, int((x != PAD_ID).sum(dim=1).max()))]
 
 
-def make_task(spec: dict[str, Any], classes: int) -> Classify | Autoencode:
+def make_task(spec: dict[str, Any], classes: int) -> Task:
     t = spec["train"]
+    if spec["task"] == "generate":
+        from training.generative import make_generative_task
+
+        return make_generative_task(spec)
     if spec["task"] == "autoencode":
         return Autoencode(t["loss"], spec["model"].get("kl_weight", 0.0))
     return Classify(t["loss"], classes, t["label_smoothing"])

@@ -11,9 +11,7 @@ from typing import Any
 import numpy as np
 
 from training.spec import SpecError
-
-TOKEN_OFFSET = 1  # token = byte + 1
-PAD_ID = 0
+from training.tokens import PAD_ID, TOKEN_OFFSET
 
 
 def encode_texts(texts: list[str], max_length: int) -> np.ndarray:
