@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.tokens import VOCAB_SIZE
+
 # Masked keys get this additive bias rather than -inf: exp underflows to exactly 0 all the same, and a query row
 # whose keys are all masked (a padding slot in a batched prefill) stays finite instead of turning into NaN.
 MASKED = -1e9
@@ -25,7 +27,7 @@ MASKED = -1e9
 @dataclass
 class GPTConfig:
     block_size: int = 256  # context length in tokens (= bytes)
-    vocab_size: int = 257  # token 0 = end of text, tokens 1..256 = bytes 0..255 (byte + 1)
+    vocab_size: int = VOCAB_SIZE  # token 0 = end of text, tokens 1..256 = bytes 0..255 (training.tokens)
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128

@@ -34,9 +34,10 @@ from training.loop import Log, seed_everything
 from training.ngram import best_order
 from training.publish import ModelSpec, publish
 from training.spec import SpecError
+from training.tokens import PAD_ID, TOKEN_OFFSET
 
-END = 0  # token 0 ends (and opens) a document; byte b is token b + OFFSET
-OFFSET = 1
+END = PAD_ID  # token 0 ends (and opens) a document: the byte encoding's padding token; byte b is token b + OFFSET
+OFFSET = TOKEN_OFFSET
 PROMPTS = ["Hello", "What is your name?\n", "Tell me a joke.\n", "Do you like music?\n"]
 
 
