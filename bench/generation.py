@@ -11,9 +11,10 @@ four ways in one run, so the ratios are between figures taken on the same machin
 
 Every request asks for `max_tokens` at temperature 0 from a fixed prompt; the model's end token is switched off in
 the benchmark's copy of its config, so each generation runs to max_tokens and the tokens counted (the server's
-deepserve_generated_tokens_total, the engine's own counter for the ceiling, the steps run for raw) must equal what was asked. Time to
-first token and inter-token latency are client timestamps: request sent to first event, and between events.
-Quality does not matter for speed: the model is trained for a few steps only, by the text_gpt job's own code."""
+deepserve_generated_tokens_total, the engine's own counter for the ceiling, the steps run for raw) must equal what
+was asked. Time to first token and inter-token latency are client timestamps: request sent to first event, and
+between events. Quality does not matter for speed: the model is trained for a few steps only, by the text_gpt job's
+own code."""
 
 from __future__ import annotations
 
@@ -121,7 +122,7 @@ def _prompt(client: int, round_: int, concurrency: int) -> str:
     return PROMPTS[(client + round_ * concurrency) % len(PROMPTS)]
 
 
-def _ceiling(repo: Path, levels: list[int], rounds: int, max_tokens: int) -> list[Point]:
+def _ceiling(repo: Path, levels: list[int], rounds: dict[int, int], max_tokens: int) -> list[Point]:
     """The engine in-process on the server loader's own Instance (same session options, same warm-up)."""
     from prometheus_client import CollectorRegistry
 
@@ -136,7 +137,7 @@ def _ceiling(repo: Path, levels: list[int], rounds: int, max_tokens: int) -> lis
     params = {"max_tokens": max_tokens, "temperature": 0.0}
 
     async def client(engine: Generator, i: int, c: int, ttft: list[float], itl: list[float]) -> None:
-        for r in range(rounds):
+        for r in range(rounds[c]):
             t0 = last = time.perf_counter()
             async for item in engine.generate(_prompt(i, r, c), params):
                 if isinstance(item, Finished):
@@ -157,8 +158,8 @@ def _ceiling(repo: Path, levels: list[int], rounds: int, max_tokens: int) -> lis
                 t0 = time.perf_counter()
                 await asyncio.gather(*(client(engine, i, c, ttft, itl) for i in range(c)))
                 seconds = time.perf_counter() - t0
-                points.append(Point("ceiling", c, c * rounds, engine.tokens_generated - before,
-                                    c * rounds * max_tokens, seconds, ttft, itl))
+                points.append(Point("ceiling", c, c * rounds[c], engine.tokens_generated - before,
+                                    c * rounds[c] * max_tokens, seconds, ttft, itl))
             return points
         finally:
             await engine.stop()
@@ -167,7 +168,7 @@ def _ceiling(repo: Path, levels: list[int], rounds: int, max_tokens: int) -> lis
     return points + _raw(loaded.instances[0], loaded.config, levels, rounds, max_tokens)
 
 
-def _raw(instance, config, levels: list[int], rounds: int, max_tokens: int) -> list[Point]:
+def _raw(instance, config, levels: list[int], rounds: dict[int, int], max_tokens: int) -> list[Point]:
     """The bare loop over the same graph and session: prefill the batch once (prompts right-padded, the padding
     masked), then decode steps feeding each step's present cache straight back as the next past: no per-generation
     cache buffers, no event loop, no sampling beyond argmax. What onnxruntime itself costs at this batch."""
@@ -177,7 +178,7 @@ def _raw(instance, config, levels: list[int], rounds: int, max_tokens: int) -> l
     points = []
     for c in levels:
         ttft, itl, tokens, t0 = [], [], 0, time.perf_counter()
-        for r in range(rounds):
+        for r in range(rounds[c]):
             t_req = time.perf_counter()
             prompts = [[*s.prefix, *(b + s.offset for b in _prompt(i, r, c).encode())] for i in range(c)]
             lengths = np.array([len(x) for x in prompts], np.int64)
@@ -204,7 +205,7 @@ def _raw(instance, config, levels: list[int], rounds: int, max_tokens: int) -> l
                 now = time.perf_counter()
                 itl += [(now - last) * 1e3] * c
                 last = now
-        points.append(Point("raw", c, c * rounds, tokens, c * rounds * max_tokens, time.perf_counter() - t0,
+        points.append(Point("raw", c, c * rounds[c], tokens, c * rounds[c] * max_tokens, time.perf_counter() - t0,
                             ttft, itl))
     return points
 
@@ -237,7 +238,7 @@ def _generated(metrics_port: int, model: str) -> int:
                    if s.name == "deepserve_generated_tokens_total" and s.labels.get("model") == model))
 
 
-def _serve(server: procs.Target, model: str, way: str, levels: list[int], rounds: int, max_tokens: int,
+def _serve(server: procs.Target, model: str, way: str, levels: list[int], rounds: dict[int, int], max_tokens: int,
            metrics_port: int) -> list[Point]:
     assert server.http_port is not None
     _stream(server.http_port, model, "warm", 4)
@@ -245,7 +246,7 @@ def _serve(server: procs.Target, model: str, way: str, levels: list[int], rounds
     for c in levels:
         def client(i: int, c: int = c) -> tuple[list[float], list[float]]:
             ttft, itl = [], []
-            for r in range(rounds):
+            for r in range(rounds[c]):
                 a, b = _stream(server.http_port, model, _prompt(i, r, c), max_tokens)
                 ttft += a
                 itl += b
@@ -257,7 +258,7 @@ def _serve(server: procs.Target, model: str, way: str, levels: list[int], rounds
             results = list(pool.map(client, range(c)))
             seconds = time.perf_counter() - t0
         tokens = _generated(metrics_port, model) - before
-        points.append(Point(way, c, c * rounds, tokens, c * rounds * max_tokens, seconds,
+        points.append(Point(way, c, c * rounds[c], tokens, c * rounds[c] * max_tokens, seconds,
                             [x for a, _ in results for x in a], [x for _, b in results for x in b]))
     return points
 
@@ -266,17 +267,19 @@ def _load() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def run(work: Path, levels: list[int], rounds: int, max_tokens: int, size: str) -> Run:
-    """Publish the model into `work`, measure the ceiling, then the server (both models in one process)."""
+def run(work: Path, levels: list[int], rounds: int, max_tokens: int, size: str, min_tokens: int = 0) -> Run:
+    """Publish the model into `work`, measure the ceiling, then the server (both models in one process). Each
+    client runs `rounds` generations, more at low concurrency so that every point generates `min_tokens`."""
+    per = {c: max(rounds, -(-min_tokens // (c * max_tokens))) for c in levels}
     began, load_start = time.time(), _load()
     repo = work / "models"
     header = publish(repo, size)
-    points = _ceiling(repo, levels, rounds, max_tokens)
+    points = _ceiling(repo, levels, per, max_tokens)
     server = procs.deepserve(repo, work)
     metrics_port = int(server.argv[server.argv.index("--metrics-port") + 1])
     with server.start(120):
-        points += _serve(server, MODEL, "server", levels, rounds, max_tokens, metrics_port)
-        points += _serve(server, ONE, "one-at-a-time", levels, rounds, max_tokens, metrics_port)
+        points += _serve(server, MODEL, "server", levels, per, max_tokens, metrics_port)
+        points += _serve(server, ONE, "one-at-a-time", levels, per, max_tokens, metrics_port)
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              check=False).stdout.strip()
@@ -289,8 +292,9 @@ def run(work: Path, levels: list[int], rounds: int, max_tokens: int, size: str) 
         "machine": f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}); load average (1, 5, "
                    f"15 min) at start {load_start}, at end {_load()}",
         "software": f"Python {platform.python_version()}, onnxruntime {onnxruntime.__version__}",
-        "load": f"{max_tokens} new tokens per generation, temperature 0, fixed prompts, {rounds} generation(s) per "
-                f"client back to back; server clients: one thread each, HTTP /generate_stream",
+        "load": f"{max_tokens} new tokens per generation, temperature 0, fixed prompts; generations per client, "
+                "back to back: " + ", ".join(f"{n} at concurrency {c}" for c, n in per.items()) +
+                "; server clients: one thread each, HTTP /generate_stream",
         "duration": f"{time.time() - began:.0f} s"}
     return Run(points, header)
 
@@ -334,6 +338,8 @@ def main(argv: list[str] | None = None) -> Run:
     p.add_argument("--concurrency", default="1,8,32", help="concurrent generations (default 1,8,32)")
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per generation (default 64)")
     p.add_argument("--rounds", type=int, default=4, help="generations per client, back to back (default 4)")
+    p.add_argument("--min-tokens", type=int, default=1024, help="tokens every point generates at least: more "
+                   "rounds at low concurrency (default 1024)")
     p.add_argument("--size", choices=sorted(SIZES), default="bench", help="GPT size (default bench)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="report folder")
     p.add_argument("--readme", type=Path, help="also write the table into this README (between "
@@ -343,7 +349,7 @@ def main(argv: list[str] | None = None) -> Run:
 
     levels = [int(x) for x in a.concurrency.split(",")]
     with tempfile.TemporaryDirectory(prefix="genbench-") as tmp:
-        result = run(Path(tmp), levels, a.rounds, a.max_tokens, a.size)
+        result = run(Path(tmp), levels, a.rounds, a.max_tokens, a.size, a.min_tokens)
     md = markdown(result)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "generation.md").write_text(md)

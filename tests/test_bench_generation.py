@@ -17,7 +17,7 @@ def test_generation_bench_reports_every_way_and_counts_the_tokens_asked(tmp_path
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n## Performance\n\n{generation.README_START}\nold\n{generation.README_END}\nafter\n")
     run = generation.main(["--size", "tiny", "--concurrency", "1,2", "--max-tokens", "5", "--rounds", "2",
-                           "--out", str(tmp_path / "out"), "--readme", str(readme)])
+                           "--min-tokens", "0", "--out", str(tmp_path / "out"), "--readme", str(readme)])
     assert sorted((p.way, p.concurrency) for p in run.points) == [
         ("ceiling", 1), ("ceiling", 2), ("one-at-a-time", 1), ("one-at-a-time", 2), ("raw", 1), ("raw", 2),
         ("server", 1), ("server", 2)]
