@@ -61,6 +61,7 @@ class Point:
     seconds: float
     ttft_ms: list[float] = field(default_factory=list, repr=False)
     itl_ms: list[float] = field(default_factory=list, repr=False)
+    run_s: float = 0.0  # in onnxruntime runs (ceiling and raw: measured in-process)
 
     @property
     def tokens_per_s(self) -> float:
@@ -147,19 +148,21 @@ def _ceiling(repo: Path, levels: list[int], rounds: dict[int, int], max_tokens: 
                 last = now
 
     async def measure() -> list[Point]:
-        engine = Generator(loaded.name, loaded.config, loaded.instances[0])
+        run_ns = [0]
+        engine = Generator(loaded.name, loaded.config, loaded.instances[0],
+                           on_step=lambda batch, ns: run_ns.__setitem__(0, run_ns[0] + ns))
         engine.start()
         try:
             async for _ in engine.generate("warm", {"max_tokens": 4}):
                 pass
             points = []
             for c in levels:
-                before, ttft, itl = engine.tokens_generated, [], []
+                before, ttft, itl, run_ns[0] = engine.tokens_generated, [], [], 0
                 t0 = time.perf_counter()
                 await asyncio.gather(*(client(engine, i, c, ttft, itl) for i in range(c)))
                 seconds = time.perf_counter() - t0
                 points.append(Point("ceiling", c, c * rounds[c], engine.tokens_generated - before,
-                                    c * rounds[c] * max_tokens, seconds, ttft, itl))
+                                    c * rounds[c] * max_tokens, seconds, ttft, itl, run_ns[0] / 1e9))
             return points
         finally:
             await engine.stop()
@@ -177,7 +180,7 @@ def _raw(instance, config, levels: list[int], rounds: dict[int, int], max_tokens
     s = DecodeSpec.from_config(config)
     points = []
     for c in levels:
-        ttft, itl, tokens, t0 = [], [], 0, time.perf_counter()
+        ttft, itl, tokens, run_s, t0 = [], [], 0, 0.0, time.perf_counter()
         for r in range(rounds[c]):
             t_req = time.perf_counter()
             prompts = [[*s.prefix, *(b + s.offset for b in _prompt(i, r, c).encode())] for i in range(c)]
@@ -190,7 +193,9 @@ def _raw(instance, config, levels: list[int], rounds: dict[int, int], max_tokens
                      s.mask: mask}
             for name, dims in zip(s.cache_in, s.cache_dims, strict=True):
                 feeds[name] = np.zeros((c, *(0 if d == -1 else d for d in dims)), np.float32)
+            t_run = time.perf_counter()
             out = instance.run(feeds)
+            run_s += time.perf_counter() - t_run
             token = out[s.logits][np.arange(c), lengths - 1].argmax(-1)
             tokens += c
             last = time.perf_counter()
@@ -199,14 +204,16 @@ def _raw(instance, config, levels: list[int], rounds: dict[int, int], max_tokens
                 mask = np.concatenate([mask, np.ones((c, 1), s.mask_dtype)], 1)
                 feeds = {s.ids: token[:, None].astype(np.int64), s.positions: (lengths + step)[:, None],
                          s.mask: mask, **{i: out[o] for i, o in zip(s.cache_in, s.cache_out, strict=True)}}
+                t_run = time.perf_counter()
                 out = instance.run(feeds)
+                run_s += time.perf_counter() - t_run
                 token = out[s.logits][:, 0].argmax(-1)
                 tokens += c
                 now = time.perf_counter()
                 itl += [(now - last) * 1e3] * c
                 last = now
         points.append(Point("raw", c, c * rounds[c], tokens, c * rounds[c] * max_tokens, time.perf_counter() - t0,
-                            ttft, itl))
+                            ttft, itl, run_s))
     return points
 
 
@@ -321,6 +328,10 @@ def markdown(run: Run) -> str:
             f"{s.tokens_per_s / one.tokens_per_s:.2f}x | " + " / ".join(f"{p.p50('ttft'):.1f}" for p in ways) +
             " | " + " / ".join(f"{p.p50('itl'):.2f}" for p in ways) +
             f" | {sum(p.tokens for p in ways):,} / {sum(p.asked for p in ways):,} |")
+    lines += ["", "Share of the in-process ways' wall time spent inside onnxruntime runs (the rest is the loop around "
+              "them: cache gathering and scattering, sampling, the event loop): " + "; ".join(
+                  f"concurrency {c}: ceiling {run.point('ceiling', c).run_s / run.point('ceiling', c).seconds:.0%}, "
+                  f"raw {run.point('raw', c).run_s / run.point('raw', c).seconds:.0%}" for c in levels) + "."]
     return "\n".join(lines) + "\n"
 
 

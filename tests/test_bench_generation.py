@@ -29,7 +29,7 @@ def test_generation_bench_reports_every_way_and_counts_the_tokens_asked(tmp_path
     md = (tmp_path / "out" / "generation.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert len(rows) == 2 and rows[0].endswith("| 40 / 40 |") and rows[1].endswith("| 80 / 80 |")
-    assert "load average" in md
+    assert "load average" in md and "inside onnxruntime runs" in md
     text = readme.read_text()
     assert "old" not in text and text.endswith(f"{generation.README_END}\nafter\n")
     assert "#### Generation: tokens/s" in text
