@@ -123,18 +123,23 @@ def _prompt(client: int, round_: int, concurrency: int) -> str:
     return PROMPTS[(client + round_ * concurrency) % len(PROMPTS)]
 
 
-def _ceiling(repo: Path, levels: list[int], rounds: dict[int, int], max_tokens: int) -> list[Point]:
-    """The engine in-process on the server loader's own Instance (same session options, same warm-up)."""
+def _loaded(repo: Path):
+    """MODEL as the server's own loader loads it (same session options, same warm-up), in this process."""
     from prometheus_client import CollectorRegistry
 
     from service.config import read_config
-    from service.generation import Finished, Generator
     from service.metrics import Metrics
     from service.models import load_version
 
     folder = repo / MODEL
-    loaded = load_version(folder, 1, read_config(folder, (folder / "config.pbtxt").read_bytes()), True,
-                          Metrics(CollectorRegistry()))
+    return load_version(folder, 1, read_config(folder, (folder / "config.pbtxt").read_bytes()), True,
+                        Metrics(CollectorRegistry()))
+
+
+def _ceiling(loaded, levels: list[int], rounds: dict[int, int], max_tokens: int) -> list[Point]:
+    """The engine in-process on that Instance, then the raw loop on it."""
+    from service.generation import Finished, Generator
+
     params = {"max_tokens": max_tokens, "temperature": 0.0}
 
     async def client(engine: Generator, i: int, c: int, ttft: list[float], itl: list[float]) -> None:
@@ -275,18 +280,21 @@ def _load() -> str:
 
 
 def run(work: Path, levels: list[int], rounds: int, max_tokens: int, size: str, min_tokens: int = 0) -> Run:
-    """Publish the model into `work`, measure the ceiling, then the server (both models in one process). Each
+    """Publish the model into `work`, then per concurrency: the ceiling and the raw loop in this process, the
+    server and one-at-a-time (both models in one server process, started once). Each
     client runs `rounds` generations, more at low concurrency so that every point generates `min_tokens`."""
     per = {c: max(rounds, -(-min_tokens // (c * max_tokens))) for c in levels}
     began, load_start = time.time(), _load()
     repo = work / "models"
     header = publish(repo, size)
-    points = _ceiling(repo, levels, per, max_tokens)
+    loaded, points = _loaded(repo), []
     server = procs.deepserve(repo, work)
     metrics_port = int(server.argv[server.argv.index("--metrics-port") + 1])
     with server.start(120):
-        points += _serve(server, MODEL, "server", levels, per, max_tokens, metrics_port)
-        points += _serve(server, ONE, "one-at-a-time", levels, per, max_tokens, metrics_port)
+        for c in levels:  # the four ways of one concurrency side by side in time: the machine's load drifts
+            points += _ceiling(loaded, [c], per, max_tokens)  # the server idles meanwhile
+            points += _serve(server, MODEL, "server", [c], per, max_tokens, metrics_port)
+            points += _serve(server, ONE, "one-at-a-time", [c], per, max_tokens, metrics_port)
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              check=False).stdout.strip()
