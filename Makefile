@@ -9,7 +9,7 @@ REPO ?= models
 # torch is installed on its own first, pinned: a bare range could pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install browser test models serve lint proto bench soak fuzz clean
+.PHONY: install browser test models serve lint proto bench bench-generate soak fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ proto: install
 
 bench: install
 	$(BIN)/deepserve bench --repository $(REPO) --readme README.md
+
+# Generated tokens/s at 1, 8 and 32 concurrent generations: server, in-process ceiling, one at a time (~2 minutes).
+bench-generate: install
+	$(PY) -m bench.generation --readme README.md
 
 # Long forms of tests that CI runs short: 10 minutes at concurrency 64 over the example models; 100k fuzz cases
 # over gRPC, 70k over HTTP.
