@@ -18,11 +18,15 @@ def publish_tiny_gpt(repo: Path, context: int = 64, name: str = "tiny_gpt", serv
     spec = resolve("text_gpt")
     corpus = load_corpus(spec["data"])
     torch.manual_seed(0)
-    torch.set_num_threads(1)
-    model = GPT(GPTConfig(block_size=context, n_layer=2, n_head=2, n_embd=48, dropout=0.0))
-    t = {"seed": 0, "lr": 3e-3, "weight_decay": 0.0, "epochs": 1, "steps_per_epoch": 60, "batch_size": 16,
-         "warmup_steps": 5, "min_lr_fraction": 0.1, "clip_norm": 1.0}
-    train(model, corpus, t, lambda line: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same model on any machine; restored after, since the test process goes on
+    try:
+        model = GPT(GPTConfig(block_size=context, n_layer=2, n_head=2, n_embd=48, dropout=0.0))
+        t = {"seed": 0, "lr": 3e-3, "weight_decay": 0.0, "epochs": 1, "steps_per_epoch": 60, "batch_size": 16,
+             "warmup_steps": 5, "min_lr_fraction": 0.1, "clip_norm": 1.0}
+        train(model, corpus, t, lambda line: None)
+    finally:
+        torch.set_num_threads(threads)  # a later in-process fit compared with a subprocess run needs the default
     model.eval()
     folder = repo / name
     (folder / "1").mkdir(parents=True)
