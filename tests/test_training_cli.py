@@ -184,6 +184,22 @@ def test_user_npz_with_other_image_size_and_user_text_folder(tmp_path: Path) -> 
     assert card["data"]["lines_per_label"] == {"greeting": 20, "number": 20}
 
 
+STRAIGHT_RUN = """
+import json, sys
+import torch
+from training.data import load
+from training.loop import fit
+from training.nets import build
+from training.spec import resolve
+from training.tasks import make_task
+spec = resolve("digits_cnn", flags={"train.epochs": int(sys.argv[1])})
+data = load(spec)
+torch.manual_seed(0)
+net = build(spec, torch.as_tensor(data.train.x[:2]), 10)
+print(json.dumps([r["val_loss"] for r in fit(net, make_task(spec, 10), data, spec, quiet=True).history]))
+"""
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_continues_from_the_checkpoint(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
@@ -212,19 +228,13 @@ def test_resume_after_sigkill_continues_from_the_checkpoint(tmp_path: Path) -> N
     assert card["resumed_from_epoch"] == killed_at
     resumed = [r["val_loss"] for r in card["history"]]
 
-    # The resumed run is the run that was never killed: same per-epoch validation losses, epoch for epoch.
-    from training.data import load
-    from training.loop import fit
-    from training.nets import build
-    from training.spec import resolve
-    from training.tasks import make_task
-
-    spec = resolve("digits_cnn", flags={"train.epochs": epochs})
-    data = load(spec)
-    torch.manual_seed(0)
-    net = build(spec, torch.as_tensor(data.train.x[:2]), 10)
-    straight = fit(net, make_task(spec, 10), data, spec, quiet=True)
-    assert resumed == pytest.approx([r["val_loss"] for r in straight.history], rel=1e-6)
+    # The resumed run is the run that was never killed: same per-epoch validation losses, epoch for epoch. The
+    # reference runs in a fresh process, as the CLI does: state the pytest process gathered from earlier tests
+    # (torch's thread count, for one) must not make the two differ.
+    ref = subprocess.run([sys.executable, "-c", STRAIGHT_RUN, str(epochs)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert resumed == pytest.approx(json.loads(ref.stdout.splitlines()[-1]), rel=1e-6)
 
     done = train(tmp_path, "digits_cnn", "--epochs", str(epochs + 1), "--resume")
     assert done.returncode == 2 and "different spec" in done.stderr
