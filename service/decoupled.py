@@ -35,7 +35,7 @@ def _names(mv: ModelVersion) -> tuple[str, str]:
 async def _chunks(dp: DataPlane, mv: ModelVersion, text: str | bytes, params: dict, t0: int
                   ) -> AsyncIterator[str]:
     rec = mv.recorder
-    rec.pending.inc()
+    rec.arrived()
     mv.active += 1  # a generating model is busy: never evicted under --max-loaded-models
     try:
         async for item in mv.generator.generate(text, params):
@@ -48,7 +48,7 @@ async def _chunks(dp: DataPlane, mv: ModelVersion, text: str | bytes, params: di
         rec.request_failed(time.perf_counter_ns() - t0, kind_of(exc))
         raise
     finally:
-        rec.pending.dec()
+        rec.left()
         mv.active -= 1
     rec.request_ok(time.perf_counter_ns() - t0, 0)  # its tokens were counted as they came
 

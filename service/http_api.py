@@ -129,8 +129,8 @@ class HttpApi:
         if bound is None:
             bound = self._bound[route.endpoint] = (self.metrics.http_requests.labels(route.endpoint, "200"),
                                                    self.metrics.http_duration.labels(route.endpoint))
-        (bound[0] if reply.status == 200 else self.metrics.http_requests.labels(route.endpoint,
-                                                                                 str(reply.status))).inc()
+        self.metrics.tally.add(bound[0] if reply.status == 200 else
+                               self.metrics.http_requests.labels(route.endpoint, str(reply.status)))
         bound[1].observe(time.perf_counter() - t0)
         return reply
 

@@ -39,6 +39,7 @@ class Recorder:
         self.inference_count = self.execution_count = self.last_inference_ms = 0
         m, lv = metrics, (model, version)
         self._metrics = m
+        self._add = m.tally.add  # per-request counter moves (service.metrics.Tally)
         self._requests_ok = m.requests.labels(*lv, "OK")
         self._inferences = m.inferences.labels(*lv)
         self._executions = m.executions.labels(*lv)
@@ -54,22 +55,31 @@ class Recorder:
     def first_token(self, seconds: float) -> None:
         """Generation: a request's first token (TTFT) is also one inference of one token."""
         self.inference_count += 1
-        self._tokens.inc()
-        self._inferences.inc()
+        self._add(self._tokens)
+        self._add(self._inferences)
         self._first_token_s.observe(seconds)
 
     def next_token(self, seconds: float) -> None:
         self.inference_count += 1
-        self._tokens.inc()
-        self._inferences.inc()
+        self._add(self._tokens)
+        self._add(self._inferences)
         self._inter_token_s.observe(seconds)
 
+    def arrived(self) -> None:
+        """A request accepted for this version (the pending gauge), until `left`."""
+        self._add(self.pending)
+
+    def left(self) -> None:
+        self._add(self.pending, -1)
+
     def request_ok(self, duration_ns: int, samples: int) -> None:
-        self.success.add(duration_ns)
+        s = self.success
+        s.count += 1
+        s.ns += duration_ns
         self.inference_count += samples
         self.last_inference_ms = time.time_ns() // 1_000_000
-        self._requests_ok.inc()
-        self._inferences.inc(samples)
+        self._add(self._requests_ok)
+        self._add(self._inferences, samples)
         self._request_s.observe(duration_ns / 1e9)
 
     def request_failed(self, duration_ns: int, code: str) -> None:

@@ -95,3 +95,38 @@ def test_pending_requests_counts_requests_in_flight(edge_server, edge_stub):
         np.testing.assert_array_equal(outputs(c.result())["y"], x)
     assert max(seen, default=0) >= 1, seen
     assert value(scrape(edge_server), "deepserve_pending_requests", **mv) == 0
+
+
+def test_counts_are_exact_right_after_concurrent_replies(server, protocol):
+    """The per-request counters are summed on the event loop and written to prometheus-client once per loop
+    iteration (service.metrics.Tally); a scrape right after the last reply must still count every request, on
+    each front end. 96 requests from 8 threads, batched by the server, then one scrape at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from protocols import connect, raw
+
+    mv = {"model": "add_sub", "version": "1"}
+    x = np.ones((2, 4), np.float32)
+    before = scrape(server)
+    clients = [connect(server, protocol) for _ in range(8)]
+    try:
+        with ThreadPoolExecutor(8) as pool:  # one client per thread, 12 requests each
+            answers = [a for batch in pool.map(lambda c: [c.infer("add_sub", [raw("x", x), raw("y", x)])
+                                                          for _ in range(12)], clients) for a in batch]
+        after = scrape(server)
+    finally:
+        for c in clients:
+            c.close()
+    assert [a.kind for a in answers] == ["OK"] * 96
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value_or_zero(before, name, **labels)
+
+    assert delta("deepserve_requests_total", code="OK", **mv) == 96
+    assert delta("deepserve_inferences_total", **mv) == 192
+    assert delta("deepserve_request_duration_seconds_count", **mv) == 96
+    assert value(after, "deepserve_pending_requests", **mv) == 0
+    if protocol == "grpc":
+        assert delta("deepserve_grpc_requests_total", method="ModelInfer", code="OK") == 96
+    else:
+        assert delta("deepserve_http_requests_total", endpoint="infer", code="200") == 96
