@@ -11,10 +11,14 @@ executor thread that finishes hands its instance back with call_soon_threadsafe.
 and no task wake-up, which matters when the whole request path must fit in a few hundred microseconds.
 
 Two measured policies on top of Triton's:
-- Inline runs: a model whose runs cost under runtime.FAST_RUN_NS a row runs on the event loop thread itself, up to
-  INLINE_MAX_NS a batch; handing a 50 us run to a thread and back costs two thread wake-ups and more CPU than the
-  run (measured at concurrency 32 on digits_cnn: 3,770 requests/s inline, 3,140 in executor threads). Slower
-  models and bigger batches run in executor threads (onnxruntime releases the GIL).
+- Inline runs, for requests that come one at a time: a model whose runs cost under runtime.FAST_RUN_NS a row runs
+  on the event loop thread itself, up to INLINE_MAX_NS a batch, while fewer than SEQUENTIAL of the arrivals find
+  another request of theirs still here (a client at concurrency 1 never does). Handing a 50 us run to a thread and
+  back costs two thread wake-ups, which such a client waits for. Concurrent traffic runs in executor threads
+  (onnxruntime releases the GIL), slower models and bigger batches too: the loop decodes the next requests while
+  a batch runs, and they queue up into the next batch. Inline, gRPC requests (which grpc.aio hands over about one
+  per loop iteration) found no company: at 32 in flight on digits_cnn the mean batch was 1.4-1.9 and the event
+  loop spent 795 us of CPU per request; in threads, 529 us (2026-12-02, /tmp/p/ab.py in the closing note).
 - Adaptive delay: max_queue_delay is an upper bound. While holding batches open finds them no company (a
   concurrency-1 client sends nothing while it waits for its reply), requests run in the next loop iteration
   with whatever arrived with them; a batch that finds company, or several requests arriving at once, turns
@@ -42,6 +46,8 @@ INLINE_MAX_NS = 1_000_000  # longest a batch may block the event loop (the other
 GAIN_WEIGHT = 0.2  # weight of the newest batch in the moving average of what waiting gained
 PATIENT_EVERY = 8  # one waiting head in this many waits out the whole delay, to keep measuring the fill
 PROBE_EVERY = 128  # while waiting does not pay, one arrival in this many waits anyway (under 1%: p99 holds)
+OVERLAP_WEIGHT = 0.05  # weight of the newest arrival in the moving average of arrivals that overlap another
+SEQUENTIAL = 0.25  # below this share of overlapping arrivals, traffic counts as one request at a time
 
 
 class Pending:
@@ -106,6 +112,8 @@ class Batcher:
         self._since_probe = 0
         self._fill: float | None = None  # moving average of the rows a batch gathers by waiting out the delay
         self._heads = 0  # requests that arrived to an empty queue, each the head of a batch
+        self.outstanding = 0  # submitted and not yet returned to their caller
+        self._overlap = 0.0  # moving average: did a request arrive while another was here (1) or not (0)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -127,6 +135,7 @@ class Batcher:
             raise Unavailable(f"model {self.name!r}: queue full ({self.max_queue} requests waiting); retry later")
         now = time.perf_counter_ns()
         timeout_us = self._timeout(timeout_us)
+        self._overlap += OVERLAP_WEIGHT * ((self.outstanding > 0) - self._overlap)
         if not self.batching and not self.queue and self.free and not timeout_us and self._inline(rows):
             # idle fast path: no partner is possible and nothing is queued, so run right here
             return self._run_inline(self.free.pop(), [Pending(feeds, rows, (), None, now, trace=trace)], rows)[0]
@@ -135,17 +144,19 @@ class Batcher:
         if delay and self.adaptive and not self.queue:  # it arrives first: the head of the next batch
             self._heads += 1
             patient = patient or self._fill is None or self._heads % PATIENT_EVERY == 0
-        p = Pending(feeds, rows, tuple(a.shape[1:] for a in feeds.values()) if self.batching else (),
+        p = Pending(feeds, rows, tuple([a.shape[1:] for a in feeds.values()]) if self.batching else (),
                     loop.create_future(), now, now + delay, patient, trace)
         if timeout_us:  # timeout_action DELAY is refused at load: a request past its timeout is refused
             p.timer = loop.call_later(timeout_us / 1e6, self._expire, p, timeout_us)
         self.queue.append(p)
         self.queued_rows += rows
         self.waiting += 1
+        self.outstanding += 1
         self._kick()
         try:
             return await p.future
         finally:
+            self.outstanding -= 1
             if not p.taken:  # timed out or cancelled while queued
                 self.waiting -= 1
             if p.timer:
@@ -364,10 +375,12 @@ class Batcher:
         self.row_ns = per_row if self.row_ns is None else 0.9 * self.row_ns + 0.1 * per_row
 
     def _inline(self, rows: int) -> bool:
-        """Run this batch on the event loop? Only for a fast model (a row costs under runtime.FAST_RUN_NS) and a
-        batch that blocks the loop under inline_max_us. Decided per batch, not as a mode: in executor threads
-        requests pile up while a run lasts, and a mode judged on those bigger batches would never come back."""
-        return self.row_ns is not None and self.row_ns < FAST_RUN_NS and self.row_ns * rows < self.inline_max_ns
+        """Run this batch on the event loop? Only while requests come one at a time (see SEQUENTIAL), for a fast
+        model (a row costs under runtime.FAST_RUN_NS) and a batch that blocks the loop under inline_max_us.
+        Decided per batch, not as a mode: in executor threads requests pile up while a run lasts, and a mode
+        judged on those bigger batches would never come back."""
+        return self._overlap < SEQUENTIAL and self.row_ns is not None and self.row_ns < FAST_RUN_NS and \
+            self.row_ns * rows < self.inline_max_ns
 
 
 def _work(instance: Instance, batch: list[Pending]) -> tuple[list[Outputs], int, int, int]:

@@ -43,18 +43,20 @@ class ModelVersion:
     text: TextInput | None = None
     generator: Generator | None = None  # decoupled generation models: the decode loop (service.generation)
     active: int = 0  # requests in flight or queued here, kept by the data plane: a busy version is never evicted
+    # read on every request: plain attributes, since a protobuf field read costs ~0.5 us
+    version_str: str = field(init=False)
+    max_batch: int = field(init=False)
+    # (input name, datatype, shape) of raw numeric inputs already checked against the specs -> (spec, byte count);
+    # the data plane's decode skips the checks for a signature seen before (service.dataplane.decode_request)
+    signatures: dict = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.version_str = str(self.version)
+        self.max_batch = self.config.max_batch_size
 
     @property
     def decoupled(self) -> bool:
         return self.config.model_transaction_policy.decoupled
-
-    @property
-    def version_str(self) -> str:
-        return str(self.version)
-
-    @property
-    def max_batch(self) -> int:
-        return self.config.max_batch_size
 
 
 def load_version(model_dir: Path, version: int, config: model_config_pb2.ModelConfig, explicit: bool,

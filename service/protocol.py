@@ -13,6 +13,8 @@ import numpy as np
 from service.errors import InvalidArgument
 
 Parameters = dict[str, Any]  # plain Python values: bool, int, float, str (bytes for gRPC bytes_param)
+# the parameters of an input or output held in a shared memory region (Triton's extension; rules in service.dataplane)
+REGION, REGION_SIZE, REGION_OFFSET = "shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"
 
 
 @dataclass(slots=True)
@@ -47,6 +49,7 @@ class InferRequest:
     outputs: list[RequestedOutput] = field(default_factory=list)  # empty: every output
     parameters: Parameters = field(default_factory=dict)
     binary_outputs: bool = True  # how outputs the request does not name travel (HTTP: binary_data_output)
+    shared_memory: bool = False  # an input or output names a shared memory region (the front end, converting, saw)
 
 
 @dataclass(slots=True)
