@@ -11,14 +11,15 @@ executor thread that finishes hands its instance back with call_soon_threadsafe.
 and no task wake-up, which matters when the whole request path must fit in a few hundred microseconds.
 
 Two measured policies on top of Triton's:
-- Inline runs, for requests that come one at a time: a model whose runs cost under runtime.FAST_RUN_NS a row runs
-  on the event loop thread itself, up to INLINE_MAX_NS a batch, while fewer than SEQUENTIAL of the arrivals find
-  another request of theirs still here (a client at concurrency 1 never does). Handing a 50 us run to a thread and
-  back costs two thread wake-ups, which such a client waits for. Concurrent traffic runs in executor threads
-  (onnxruntime releases the GIL), slower models and bigger batches too: the loop decodes the next requests while
-  a batch runs, and they queue up into the next batch. Inline, gRPC requests (which grpc.aio hands over about one
-  per loop iteration) found no company: at 32 in flight on digits_cnn the mean batch was 1.4-1.9 and the event
-  loop spent 795 us of CPU per request; in threads, 529 us (2026-12-02, /tmp/p/ab.py in the closing note).
+- Inline runs, for requests that come one at a time: a model whose runs cost under runtime.FAST_RUN_NS a row (its
+  fastest run seen: a run in a thread on a busy machine takes longer by the wait for a core, and must not make a
+  fast model look slow for good) runs on the event loop thread itself, up to INLINE_MAX_NS a batch, while fewer
+  than SEQUENTIAL of the arrivals find another request still here (a client at concurrency 1 never does).
+  Handing a 50 us run to a thread and back costs two thread wake-ups, which such a client waits for. Concurrent
+  traffic runs in executor threads (onnxruntime releases the GIL), slower models and bigger batches too: the loop
+  decodes the next requests while a batch runs, and they queue up into the next batch. Inline, gRPC requests
+  (which grpc.aio hands over about one per loop iteration) found no company: at 32 in flight on digits_cnn the
+  mean batch was 1.4-1.9 and the event loop spent 795 us of CPU per request; in threads, 529 us (2026-12-02).
 - Adaptive delay: max_queue_delay is an upper bound. While holding batches open finds them no company (a
   concurrency-1 client sends nothing while it waits for its reply), requests run in the next loop iteration
   with whatever arrived with them; a batch that finds company, or several requests arriving at once, turns
@@ -114,6 +115,7 @@ class Batcher:
         self._heads = 0  # requests that arrived to an empty queue, each the head of a batch
         self.outstanding = 0  # submitted and not yet returned to their caller
         self._overlap = 0.0  # moving average: did a request arrive while another was here (1) or not (0)
+        self.best_row_ns: float | None = None  # fastest run per row seen: what the model costs, not the machine
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -373,14 +375,16 @@ class Batcher:
         rec.executed(rows, len(batch), t_in, t_run, t_out)
         per_row = t_run / rows
         self.row_ns = per_row if self.row_ns is None else 0.9 * self.row_ns + 0.1 * per_row
+        if self.best_row_ns is None or per_row < self.best_row_ns:
+            self.best_row_ns = per_row
 
     def _inline(self, rows: int) -> bool:
-        """Run this batch on the event loop? Only while requests come one at a time (see SEQUENTIAL), for a fast
+        """Run this batch on the event loop? Only while requests come one at a time (SEQUENTIAL), for a fast
         model (a row costs under runtime.FAST_RUN_NS) and a batch that blocks the loop under inline_max_us.
         Decided per batch, not as a mode: in executor threads requests pile up while a run lasts, and a mode
         judged on those bigger batches would never come back."""
-        return self._overlap < SEQUENTIAL and self.row_ns is not None and self.row_ns < FAST_RUN_NS and \
-            self.row_ns * rows < self.inline_max_ns
+        return self._overlap < SEQUENTIAL and self.best_row_ns is not None and self.best_row_ns < FAST_RUN_NS \
+            and self.row_ns * rows < self.inline_max_ns
 
 
 def _work(instance: Instance, batch: list[Pending]) -> tuple[list[Outputs], int, int, int]:
