@@ -339,10 +339,10 @@ def decode_request(request: InferRequest, mv: ModelVersion, max_elements: int = 
     shared memory region are views of it (`lease` holds the regions).
 
     A request of raw numeric inputs whose signature (names, datatypes, shapes, in order) passed every check before
-    only has its byte counts checked: the checks depend on nothing else (--max-elements is fixed at start)."""
+    only has its byte counts checked: the checks depend on nothing else (the element limit is part of the key)."""
     inputs = request.inputs
     if lease is None and mv.text is None:
-        key = tuple([(t.name, t.datatype, t.shape) for t in inputs])
+        key = (max_elements, *[(t.name, t.datatype, t.shape) for t in inputs])
         known = mv.signatures.get(key)
         if known is not None:
             feeds = {}
