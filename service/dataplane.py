@@ -29,17 +29,14 @@ from service.errors import InvalidArgument, ModelLoadError, NotFound, Unavailabl
 from service.models import ModelVersion
 from service.protocol import (
     REGION,
-    REGION_OFFSET,
-    REGION_SIZE,
     InferRequest,
     InferResponse,
-    InputTensor,
     OutputTensor,
     RequestedOutput,
     parameter_int,
 )
 from service.registry import READY, Registry
-from service.shm import Lease, SharedMemory
+from service.shm import Lease, SharedMemory, region_args
 from service.state import ServerState
 from service.tensors import BYTES, decode_input, encode_bytes
 from service.tracing import Trace, Tracing
@@ -267,11 +264,8 @@ class DataPlane:
                 response = InferResponse(mv.name, version, request.id, _outputs(mv, outputs, wanted, lease))
                 if trace is not None:
                     trace.answered(response.outputs)
-            except asyncio.CancelledError:
-                rec.request_failed(time.perf_counter_ns() - t0, "CANCELLED")
-                raise
-            except Exception as exc:
-                rec.request_failed(time.perf_counter_ns() - t0, kind_of(exc))
+            except BaseException as exc:
+                rec.request_raised(t0, exc)
                 raise
             finally:
                 rec.left()
@@ -309,25 +303,6 @@ def _timeout_us(request: InferRequest, model: str) -> int:
     if value < 0:
         raise InvalidArgument(f"model {model!r}: parameter timeout must be >= 0 microseconds, got {value}")
     return value
-
-
-def _region_args(params: dict, where: str) -> tuple[str, int, int]:
-    """(region, offset, byte_size) of an input or output that names a shared memory region."""
-    name = params[REGION]
-    if not isinstance(name, str) or not name:
-        raise InvalidArgument(f"{where}: parameter {REGION} must be a region name (string), got {name!r}")
-    if REGION_SIZE not in params:
-        raise InvalidArgument(f"{where}: parameter {REGION} needs {REGION_SIZE} too")
-    return name, parameter_int(params, REGION_OFFSET, where), parameter_int(params, REGION_SIZE, where)
-
-
-def _shm_input(tensor: InputTensor, lease: Lease | None, where: str) -> None:
-    """Point the input's raw contents at its region bytes, in place: decode_input then checks them as any raw."""
-    if tensor.raw is not None or tensor.values is not None:
-        raise InvalidArgument(f"{where}: names shared memory region {tensor.parameters[REGION]!r} and also "
-                              "carries contents; send one")
-    name, offset, size = _region_args(tensor.parameters, where)
-    tensor.raw = lease.read(name, offset, size, where)
 
 
 SIGNATURES_KEPT = 1024  # request signatures remembered per model version (a variable-shape model can make many)
@@ -375,7 +350,7 @@ def _decode_request(request: InferRequest, mv: ModelVersion, max_elements: int, 
     for tensor in request.inputs:
         name = tensor.name
         if lease is not None and REGION in tensor.parameters:
-            _shm_input(tensor, lease, f"{where} input {name!r}")
+            lease.read_input(tensor, f"{where} input {name!r}")
         if text is not None and name == text.name:
             if text.target in decoded:
                 raise InvalidArgument(f"{where}: send {text.name!r} or {text.target!r}, not both, and once")
@@ -425,7 +400,7 @@ def requested_outputs(request: InferRequest, mv: ModelVersion, lease: Lease | No
                                   f"int64 (top k), got {k!r}")
         if lease is not None and REGION in out.parameters:
             where = f"model {mv.name!r} output {out.name!r}"
-            lease.check(*_region_args(out.parameters, where), where)
+            lease.check(*region_args(out.parameters, where), where)
     return requested
 
 
@@ -445,11 +420,9 @@ def _outputs(mv: ModelVersion, outputs: dict[str, np.ndarray], wanted: list[Requ
         tensor = OutputTensor(w.name, dtype.wire, arr.shape, arr, w.binary)
         if lease is not None and REGION in w.parameters:
             where = f"model {mv.name!r} output {w.name!r}"
-            name, offset, size = _region_args(w.parameters, where)
             data = encode_bytes(arr) if dtype is BYTES else \
                 np.ascontiguousarray(arr, dtype=dtype.numpy).reshape(-1).view(np.uint8)
-            written = lease.write(name, offset, size, data, where)
-            tensor.parameters = {REGION: name, REGION_SIZE: written, REGION_OFFSET: offset}
+            tensor.parameters = lease.write_output(w.parameters, data, where)
         out.append(tensor)
     return out
 

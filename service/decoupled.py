@@ -6,14 +6,13 @@ final response of its own (otherwise the last chunk is held back one token so th
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.errors import InvalidArgument, kind_of
+from service.errors import InvalidArgument
 from service.generation import Finished
 from service.models import ModelVersion
 from service.protocol import InferRequest, InferResponse, OutputTensor
@@ -41,11 +40,8 @@ async def _chunks(dp: DataPlane, mv: ModelVersion, text: str | bytes, params: di
         async for item in mv.generator.generate(text, params):
             if not isinstance(item, Finished):
                 yield item
-    except (asyncio.CancelledError, GeneratorExit):
-        rec.request_failed(time.perf_counter_ns() - t0, "CANCELLED")
-        raise
-    except Exception as exc:
-        rec.request_failed(time.perf_counter_ns() - t0, kind_of(exc))
+    except BaseException as exc:
+        rec.request_raised(t0, exc)
         raise
     finally:
         rec.left()

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from service.protocol import REGION, REGION_OFFSET, REGION_SIZE, InputTensor, parameter_int
 
 SHM_DIR = "/dev/shm"  # where Linux's shm_open keeps POSIX shared memory objects
 MAX_REGIONS = 1024  # each holds a file descriptor and a mapping; a client looping on register must not exhaust fds
@@ -227,9 +228,32 @@ class Lease:
         _write(region, offset, data, len(data), where)
         return len(data)
 
+    def read_input(self, tensor: InputTensor, where: str) -> None:
+        """Point an input's raw contents at its region's bytes, in place: the decode then checks them as any raw."""
+        if tensor.raw is not None or tensor.values is not None:
+            raise InvalidArgument(f"{where}: names shared memory region {tensor.parameters[REGION]!r} and also "
+                                  "carries contents; send one")
+        tensor.raw = self.read(*region_args(tensor.parameters, where), where)
+
+    def write_output(self, params: dict, data: bytes | np.ndarray, where: str) -> dict:
+        """Write an output into the region its parameters name; the reply's parameters for it."""
+        name, offset, size = region_args(params, where)
+        written = self.write(name, offset, size, data, where)
+        return {REGION: name, REGION_SIZE: written, REGION_OFFSET: offset}
+
     def release(self) -> None:
         for region in self.held.values():
             region.users -= 1
             if region.users == 0 and region.unregistered:
                 region.close()
         self.held.clear()
+
+
+def region_args(params: dict, where: str) -> tuple[str, int, int]:
+    """(region, offset, byte_size) of an input or output that names a shared memory region."""
+    name = params[REGION]
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument(f"{where}: parameter {REGION} must be a region name (string), got {name!r}")
+    if REGION_SIZE not in params:
+        raise InvalidArgument(f"{where}: parameter {REGION} needs {REGION_SIZE} too")
+    return name, parameter_int(params, REGION_OFFSET, where), parameter_int(params, REGION_SIZE, where)

@@ -4,9 +4,11 @@ Triton's JSON shape (what HTTP answers as is and gRPC parses into its ModelStati
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
+from service.errors import kind_of
 from service.metrics import Metrics
 
 
@@ -81,6 +83,12 @@ class Recorder:
         self._add(self._requests_ok)
         self._add(self._inferences, samples)
         self._request_s.observe(duration_ns / 1e9)
+
+    def request_raised(self, started_ns: int, exc: BaseException) -> None:
+        """A request (started at perf_counter_ns `started_ns`) ended by `exc`: CANCELLED when its client went away
+        or its stream was closed, else the error's kind."""
+        code = "CANCELLED" if isinstance(exc, asyncio.CancelledError | GeneratorExit) else kind_of(exc)
+        self.request_failed(time.perf_counter_ns() - started_ns, code)
 
     def request_failed(self, duration_ns: int, code: str) -> None:
         self.fail.add(duration_ns)
