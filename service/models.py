@@ -17,7 +17,7 @@ from service.config import complete, read_labels, specs
 from service.errors import ModelLoadError
 from service.generation import Generator
 from service.metrics import Metrics
-from service.runtime import Instance, placement, runs_fast, session_options
+from service.runtime import Instance, allows_spinning, placement, runs_fast, session_options
 from service.sequences import Sequences
 from service.stats import Recorder
 from service.tensors import BY_CONFIG, BYTES, TensorSpec
@@ -86,6 +86,8 @@ def load_version(model_dir: Path, version: int, config: model_config_pb2.ModelCo
         instances = [Instance(str(path), so, place) for _ in range(place.count)]
         _warmup(instances, config, inputs, sequences, name)
     config.parameters["intra_op_thread_count"].string_value = str(place.intra_threads)  # reported by ModelConfig
+    spins = place.intra_threads > 1 and allows_spinning(config)  # one thread: no pool, nothing to spin
+    config.parameters["allow_spinning"].string_value = "true" if spins else "false"  # reported by ModelConfig
     recorder = Recorder(metrics, name, str(version))
     text = TextInput(config, inputs) if "text_input" in config.parameters else None
     mv = ModelVersion(name, version, config, inputs, outputs, labels, instances, providers, recorder,

@@ -20,12 +20,16 @@ def threads(tmp_path_factory) -> dict[str, str]:
     save(slow_model(n=1000, reps=4), repo, "slow", config="max_batch_size: 8\n")
     save(slow_model(n=1000, reps=4), repo, "two", config="max_batch_size: 8\n"
          "instance_group [ { count: 2 kind: KIND_CPU } ]\n")
+    save(slow_model(n=1000, reps=4), repo, "still", config="max_batch_size: 8\n"
+         'parameters { key: "allow_spinning" value { string_value: "false" } }\n')
     server = Server(repo)
     try:
         with server.channel() as ch:
             stub = inference_pb2_grpc.GRPCInferenceServiceStub(ch)
-            return {m: stub.ModelConfig(pb.ModelConfigRequest(name=m)).config.parameters["intra_op_thread_count"]
-                    .string_value for m in ("fast", "pinned", "slow", "two")}
+            params = {m: stub.ModelConfig(pb.ModelConfigRequest(name=m)).config.parameters
+                      for m in ("fast", "pinned", "slow", "two", "still")}
+            return {m: p["intra_op_thread_count"].string_value for m, p in params.items()} | {
+                f"{m} spins": p["allow_spinning"].string_value for m, p in params.items()}
     finally:
         server.stop()
 
@@ -43,3 +47,12 @@ def test_a_slow_model_gets_the_cores_split_between_its_instances(threads):
     cores = os.cpu_count() or 1
     assert threads["slow"] == str(cores)
     assert threads["two"] == str(max(1, cores // 2))
+
+
+def test_a_thread_pool_spins_between_operators_unless_the_config_says_not(threads):
+    # onnxruntime's default, kept where there is a pool: sleeping between operators makes each run wait for wake-ups
+    cores = os.cpu_count() or 1
+    assert threads["slow spins"] == ("true" if cores > 1 else "false")
+    assert threads["fast spins"] == "false"  # one thread: no pool, nothing spins
+    assert threads["pinned spins"] == "true"
+    assert threads["still spins"] == "false" and threads["still"] == str(cores)
