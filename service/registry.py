@@ -166,15 +166,16 @@ class Registry:
                    files: dict[str, bytes] | None = None) -> LoadResult:
         """(Re)load every version the policy selects. New versions warm up beside the serving ones and then take
         the traffic; a version that fails keeps its serving predecessor. Raises NotFound for no such folder.
-        With `files` (Triton's `file:<path>` load parameters, checked by uploads.stage) the model is loaded from
+        With `files` (Triton's `file:<path>` load parameters, checked by uploads.check) the model is loaded from
         those bytes, staged in a private folder, instead of from the repository; `override` is then required."""
         if files is None and name not in self.names_on_disk():
             raise NotFound(f"no model folder {name!r} in the repository")
+        checked = uploads.check(name, files) if files is not None else None  # a bad request, not a load failure
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             try:
-                if files is not None:
-                    with uploads.stage(name, files) as model_dir:
+                if checked is not None:
+                    with uploads.stage(name, checked) as model_dir:
                         return await self._load(name, override, model_dir)
                 return await self._load(name, override)
             except Unavailable:  # no room under --max-loaded-models / --max-loaded-bytes: the caller's answer

@@ -44,8 +44,8 @@ def check(name: str, files: dict[str, bytes]) -> dict[PurePosixPath, bytes]:
 
 
 @contextmanager
-def stage(name: str, files: dict[str, bytes]) -> Iterator[Path]:
-    checked = check(name, files)
+def stage(name: str, checked: dict[PurePosixPath, bytes]) -> Iterator[Path]:
+    """A private folder holding the files (as `check` returned them) under `name`, removed afterwards."""
     root = Path(tempfile.mkdtemp(prefix="deepserve-load-"))
     try:
         model_dir = root / name

@@ -191,6 +191,11 @@ def test_load_from_files_and_bad_file_names(repo):
         with pytest.raises(InvalidArgument, match="is a version folder name, not a file"):
             await dp.load("uploaded", config, {"1": onnx_bytes})
         assert (await dp.infer(infer_request("uploaded"))).version == "1"  # still serving
+        # refused requests, not failed loads: the index shows no failure and the failure metric did not move
+        assert [r for r in dp.repository_index() if r["name"] == "uploaded"] == [
+            {"name": "uploaded", "version": "1", "state": "READY", "reason": ""}]
+        assert dp.registry.metrics.registry.get_sample_value("deepserve_model_load_failures_total",
+                                                             {"model": "uploaded"}) in (None, 0.0)
         assert not (Path(repo) / "uploaded").exists()  # nothing written into the repository
 
     run(body, repo, load=(), explicit=True)
