@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service import logs, settings
+from service import eventloop, logs, settings
 from service._proto import inference_pb2
 from service.console import Console
 from service.dataplane import DataPlane
@@ -135,8 +135,9 @@ async def serve(s: Settings) -> int:
             log.error("cannot bind HTTP %s:%s: %s", s.host, s.http_port, exc)
             await server.stop(0)
             return 1
-    log.info("listening on %s (gRPC%s), HTTP on :%s, metrics on :%s", address, " + TLS" if creds else "",
-             s.http_port or "off", s.metrics_port)
+    log.info("listening on %s (gRPC%s), HTTP on :%s, metrics on :%s; event loop %s", address,
+             " + TLS" if creds else "", s.http_port or "off", s.metrics_port,
+             type(asyncio.get_running_loop()).__module__.split(".")[0])
     state.changed()
 
     stop = asyncio.Event()
@@ -232,7 +233,7 @@ def serve_main(argv: list[str]) -> int:
         os.environ["DEEPSERVE_WORKERS_TOTAL"] = str(s.workers)  # each worker takes its share of the cores
         return supervise(argv, s)
     try:
-        return asyncio.run(serve(s))
+        return eventloop.run(serve(s), s.event_loop)
     except KeyboardInterrupt:
         return 130
 

@@ -17,6 +17,7 @@ from google.protobuf import text_format
 from prometheus_client import CollectorRegistry
 from support import Server, add_sub_model, outputs, request, save, seq_model, slow_model
 
+from service import eventloop
 from service._proto import inference_pb2 as pb
 from service._proto import model_config_pb2
 from service.batcher import Batcher
@@ -34,8 +35,8 @@ def make_batcher(tmp_path, model, config_text: str) -> Batcher:
     return Batcher("m", instances, config, Recorder(Metrics(CollectorRegistry()), "m", "1"))
 
 
-def run(coro):
-    return asyncio.run(coro)
+def run(coro, event_loop: str = "uvloop"):
+    return eventloop.run(coro, event_loop)  # the server's loop by default
 
 
 def test_merge_split_each_caller_gets_its_rows(tmp_path):
@@ -295,7 +296,8 @@ def _executor_cpu_ns(prefix: str) -> int:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads per-thread CPU time from /proc (Linux)")
-def test_fast_runs_stay_on_the_loop_unless_requests_overlap_one_per_loop_iteration(tmp_path):
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+def test_fast_runs_stay_on_the_loop_unless_requests_overlap_one_per_loop_iteration(tmp_path, event_loop):
     """A fast model's batches run on the event loop while requests come one at a time (no thread hand-off to wait
     for) and while overlapping requests arrive together (uvicorn's way: the inline batch finds its company). They
     go to the executor threads when requests overlap but arrive one per loop iteration (grpc.aio's way): inline,
@@ -328,7 +330,7 @@ def test_fast_runs_stay_on_the_loop_unless_requests_overlap_one_per_loop_iterati
         await asyncio.gather(*trickle)
         return c1 - c0, c2 - c1, _executor_cpu_ns("ort-m") - c2
 
-    sequential_ns, together_ns, trickled_ns = run(main())
+    sequential_ns, together_ns, trickled_ns = run(main(), event_loop)
     assert sequential_ns < 1_000_000, f"300 sequential requests used {sequential_ns / 1e6:.1f} ms in threads"
     assert together_ns < 1_000_000, f"640 requests sent together used {together_ns / 1e6:.1f} ms in threads"
     assert trickled_ns > 5 * max(sequential_ns, together_ns, 100_000), (sequential_ns, together_ns, trickled_ns)

@@ -194,10 +194,12 @@ def test_unload_lets_in_flight_requests_finish(tmp_path):
         server.stop()
 
 
-def test_sigterm_under_load_loses_no_accepted_request(tmp_path):
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+def test_sigterm_under_load_loses_no_accepted_request(tmp_path, event_loop):
     repo = tmp_path / "models"
     save(slow_model(n=300), repo, "slow", config="max_batch_size: 4\ndynamic_batching { }\n")
-    server = Server(repo, "--drain-secs", "20", "--shutdown-grace-secs", "0.5")
+    server = Server(repo, "--drain-secs", "20", "--shutdown-grace-secs", "0.5", "--event-loop", event_loop)
+    assert f"event loop {event_loop}" in server.log()
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     health = health_pb2_grpc.HealthStub(server.channel())
