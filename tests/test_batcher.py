@@ -303,8 +303,11 @@ def test_fast_runs_stay_on_the_loop_unless_requests_overlap_one_per_loop_iterati
     go to the executor threads when requests overlap but arrive one per loop iteration (grpc.aio's way): inline,
     each batch would run alone, while in threads the next requests queue up during a run. Seen from the kernel:
     the executor threads' CPU time stays flat over 300 sequential requests and 32 clients in lockstep, and grows
-    when 640 requests trickle in one per iteration."""
-    b = make_batcher(tmp_path, add_sub_model(), "max_batch_size: 64\ndynamic_batching { }")
+    when 640 requests trickle in one per iteration. inline_max_us is high so that only the arrival rule decides: the
+    bound judges a 32-row batch by the per-row cost of batch-1 runs, which on a loaded machine can exceed it (seen
+    in CI: the lockstep batches went to threads)."""
+    b = make_batcher(tmp_path, add_sub_model(), "max_batch_size: 64\ndynamic_batching { }\n"
+                     'parameters { key: "inline_max_us" value { string_value: "100000" } }')
     x = np.ones((1, 4), np.float32)
     feeds = {"x": x, "y": x}
 
