@@ -56,6 +56,8 @@ OVERLAP_WEIGHT = 0.05  # weight of the newest arrival in the moving average of a
 SEQUENTIAL = 0.25  # below this share of overlapping arrivals, traffic counts as one request at a time
 BURST_WEIGHT = 0.05  # weight of the newest loop iteration in the moving average of arrivals per iteration
 GATHERS = 1.3  # from this many arrivals per loop iteration, inline batches find company on their own
+ALONE_INLINE = 10  # while requests come one at a time, a batch may hold the loop this many times inline_max_us
+# (digits_cnn batch-32 at concurrency 1: a 1.1 ms run, in a thread by the 1 ms bound, cost 0.3 ms of p50)
 
 
 class Pending:
@@ -416,11 +418,16 @@ class Batcher:
     def _inline(self, rows: int) -> bool:
         """Run this batch on the event loop? Only while requests come one at a time (SEQUENTIAL) or together
         (GATHERS), for a fast model (a row costs under runtime.FAST_RUN_NS) and a batch that blocks the loop
-        under inline_max_us. Decided per batch, not as a mode: in executor threads requests pile up while a run
-        lasts, and a mode judged on those bigger batches would never come back; arrivals per iteration are the
-        front end's pattern, which threads leave as it is."""
-        return (self._overlap < SEQUENTIAL or self._per_iter >= GATHERS) and self.best_row_ns is not None \
-            and self.best_row_ns < FAST_RUN_NS and self.row_ns * rows < self.inline_max_ns
+        under inline_max_us: ALONE_INLINE times that while requests come one at a time, as then there are no
+        other requests' decoding and replies to hold up (measured by a batching model only: without batching, a
+        request run in submit never counts as overlapping). Decided per batch, not as a mode: in executor
+        threads requests pile up while a run lasts, and a mode judged on those bigger batches would never come
+        back; arrivals per iteration are the front end's pattern, which threads leave as it is."""
+        if self.best_row_ns is None or self.best_row_ns >= FAST_RUN_NS:
+            return False
+        if self._overlap < SEQUENTIAL:
+            return self.row_ns * rows < self.inline_max_ns * (ALONE_INLINE if self.batching else 1)
+        return self._per_iter >= GATHERS and self.row_ns * rows < self.inline_max_ns
 
 
 def _work(instance: Instance, batch: list[Pending]) -> tuple[list[Outputs], int, int, int]:

@@ -379,6 +379,52 @@ def test_sequential_requests_of_a_batching_model_run_within_submit(tmp_path, del
     assert executions < 640 * 0.8, f"640 trickled requests ran in {executions} batches"
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads per-thread CPU time from /proc (Linux)")
+def test_a_batch_alone_may_hold_the_loop_longer_than_inline_max_us(tmp_path):
+    """inline_max_us bounds how long a batch may hold up the other requests' decoding and replies; with nobody
+    else here (requests one at a time), a batch of up to ALONE_INLINE times that runs inline too. inline_max_us is
+    set to a third of what a 32-row run of the model takes on this machine (measured first): sequential requests
+    keep the executor threads idle, and the same requests trickling in one per loop iteration go to them."""
+    model = slow_model(n=160, reps=4)  # about 0.5 ms: a preempted run moves the moving average less
+    x = np.ones((32, 1), np.float32)
+    one_thread = 'parameters { key: "intra_op_thread_count" value { string_value: "1" } }\n'  # as a fast model gets
+    config = text_format.Parse("max_batch_size: 64\ndynamic_batching { }\n" + one_thread,
+                               model_config_pb2.ModelConfig())
+    timer = Instance(str(save(model, tmp_path / "timing", "m")), session_options(config, placement(config)),
+                     placement(config))
+    runs = []
+    for _ in range(30):
+        t0 = time.perf_counter_ns()
+        timer.run({"x": x})
+        runs.append(time.perf_counter_ns() - t0)
+    inline_max_us = max(1, int(np.median(runs) / 3 / 1000))
+    b = make_batcher(tmp_path, model, "max_batch_size: 64\ndynamic_batching { }\n" + one_thread +
+                     f'parameters {{ key: "inline_max_us" value {{ string_value: "{inline_max_us}" }} }}')
+
+    async def main():
+        b.start()
+        for _ in range(100):  # the model's speed (the first runs go to a thread, and take longer there)
+            await b.submit({"x": x}, 32)
+            await asyncio.sleep(0)
+        c0 = _executor_cpu_ns("ort-m")
+        for _ in range(100):
+            await b.submit({"x": x}, 32)
+            await asyncio.sleep(0)
+        c1 = _executor_cpu_ns("ort-m")
+        trickle = []
+        for _ in range(3 * batcher.PROBE_EVERY):  # enough for the sequential path's probes to see them overlap
+            trickle.append(asyncio.ensure_future(b.submit({"x": x}, 32)))
+            await asyncio.sleep(0)
+        await asyncio.gather(*trickle)
+        return c1 - c0, _executor_cpu_ns("ort-m") - c1
+
+    sequential_ns, trickled_ns = run(main())
+    run_ns = inline_max_us * 3000
+    # by the 1x bound all 100 would run in threads; a loaded machine's preempted runs may send some there
+    assert sequential_ns < 50 * run_ns, f"100 sequential runs used {sequential_ns / 1e6:.1f} ms in threads"
+    assert trickled_ns > 50 * run_ns, f"trickled requests used {trickled_ns / 1e6:.1f} ms in threads"
+
+
 @pytest.fixture(scope="module")
 def batching_server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("batching") / "models"
