@@ -23,8 +23,7 @@ Two measured policies on top of Triton's:
   up into the next batch. Inline, such gRPC requests found no company: at 32 in flight on digits_cnn the mean
   batch was 1.4-1.9 and the event loop spent 795 us of CPU per request; in threads, 529 us. HTTP's inline
   batches at concurrency 4 held 2.7 requests, 2.2 in threads, where the thread hand-off cost it 0.8 ms of p50
-  (2026-12-02). A request that comes alone runs within submit itself (see _alone): gRPC p50 at concurrency 1
-  1.69 -> 1.44 ms, HTTP 0.74 -> 0.64 ms (2026-12-02, interleaved A/B).
+  (2026-12-02).
 - Adaptive delay: max_queue_delay is an upper bound. While holding batches open finds them no company (a
   concurrency-1 client sends nothing while it waits for its reply), requests run in the next loop iteration
   with whatever arrived with them; a batch that finds company, or several requests arriving at once, turns
@@ -152,9 +151,8 @@ class Batcher:
         if not self._burst:
             self._loop.call_soon(self._burst_end)
         self._burst += 1
-        if not self.queue and self.free and not timeout_us and (self._alone(rows) if self.batching else
-                                                               self._inline(rows)):
-            # fast path, nothing queued: without batching no partner is possible; with it, none is coming
+        if not self.batching and not self.queue and self.free and not timeout_us and self._inline(rows):
+            # idle fast path: no partner is possible and nothing is queued, so run right here
             return self._run_inline(self.free.pop(), [Pending(feeds, rows, (), None, now, trace=trace)], rows)[0]
         loop = self._loop
         delay, patient = self._delay()
@@ -178,24 +176,6 @@ class Batcher:
                 self.waiting -= 1
             if p.timer:
                 p.timer.cancel()
-
-    def _alone(self, rows: int) -> bool:
-        """Sequential fast path of a batching model: run an arrival at once, in submit, when nothing else is here,
-        requests come one at a time, one per loop iteration, and batches are not held open for company. It
-        skips the queue, a future and a loop iteration (the dispatch), which is all a concurrency-1 client would
-        wait for. Only the first arrival of an iteration: the ones after it (a burst) queue up and batch. A
-        request served here is never outstanding when the next one arrives, so it cannot show overlapping
-        traffic; one arrival in PROBE_EVERY takes the queue instead, and a stream of them keeps finding one
-        another there."""
-        if self.outstanding or self._burst > 1 or self._overlap >= SEQUENTIAL or self._per_iter >= GATHERS \
-                or (self._waits and self.delay_ns) or not self._inline(rows):
-            return False
-        self._since_probe += 1
-        if self._since_probe < PROBE_EVERY:
-            return True
-        if not self.delay_ns:
-            self._since_probe = 0
-        return False  # with a delay, _delay resets the count and holds this one open for all of it
 
     def _timeout(self, requested_us: int) -> int:
         """Triton's queue policy: with a default timeout, a request may only shorten it, and only when
