@@ -175,8 +175,8 @@ def from_response(response: InferResponse) -> tuple[bytes, int | None]:
     outs = []
     for o in response.outputs:
         entry = {"name": o.name, "datatype": o.datatype, "shape": list(o.shape)}
-        if o.parameters:  # written to a shared memory region: its parameters, no data
-            entry["parameters"] = dict(o.parameters)
+        if o.parameters:  # written to a shared memory region: name, datatype and shape only, as Triton answers
+            pass  # (tritonclient's C++ client, perf_analyzer's, reads binary_data_size from any output parameters)
         elif o.binary:
             raw = to_raw(o.data, BY_WIRE[o.datatype])
             entry["parameters"] = {"binary_data_size": len(raw)}
