@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from importlib import metadata as pkg
 from pathlib import Path
 
+import numpy as np
 from google.protobuf import text_format
 
 from bench import compute, mlserver, profile, report
@@ -238,12 +239,15 @@ class Run:
                 if name != RESNET:
                     continue
                 self.warm(server, RESNET, version, batch, 8)
+                shm = _shm_flags(cfg, batch) if batch == max(self.plan.batches) and self.gen.takes_flags else ()
                 for conc in self.plan.resnet_concurrency:
                     guess_ms = conc * batch / before.samples_per_s * 1e3  # queueing behind the others in flight
                     for proto in self.plan.protocols:
                         m = self.point(server, RESNET, version, batch, conc, "server", guess_ms, proto)
                         t = self.point(ceilings[(RESNET, batch)], RESNET, version, batch, conc, "transport ceiling",
                                        protocol=proto) if m else None
+                        s = self.point(server, RESNET, version, batch, conc, "server, shared memory", guess_ms, proto,
+                                       shm) if m and shm else None
                         after = ceiling(batch)
                         beside = (before.samples_per_s + after.samples_per_s) / 2
                         before = after
@@ -251,6 +255,10 @@ class Run:
                             self.results.resnet.append((m, beside, t))
                             self.say(f"{RESNET} {proto} b{batch} c{conc}: server {m.infer_per_s:,.0f} samples/s, raw "
                                      f"onnxruntime {beside:,.0f} ({m.infer_per_s / beside:.2f}x)")
+                        if s:
+                            self.results.resnet_shm.append((s, beside, m))
+                            self.say(f"{RESNET} {proto} b{batch} c{conc} shared memory: {s.infer_per_s:,.0f} "
+                                     f"samples/s ({s.infer_per_s / beside:.2f}x raw onnxruntime)")
             conc = self.plan.resnet_concurrency if name == RESNET else self.plan.concurrency
             for formed in sorted({report.formable(self.results, name, b, c) for b in self.plan.batches for c in conc}
                                  - {c.batch for c in self.results.compute if c.model == name}):
@@ -325,6 +333,13 @@ class Run:
             self.results.profile += [f"### {model}, batch {batch}, {conc} in flight", "", *lines, ""]
 
 
+def _shm_flags(cfg: model_config_pb2.ModelConfig, batch: int) -> tuple[str, ...]:
+    """perf_analyzer's system shared memory: inputs and outputs in regions it creates and registers; each output's
+    region sized for `batch` rows (FP32)."""
+    size = max(batch * int(np.prod([max(d, 1) for d in o.dims])) * 4 for o in cfg.output)
+    return ("--shared-memory", "system", "--output-shared-memory-size", str(size))
+
+
 def _meta(plan: Plan, gen_note: str, repo: BenchRepository) -> dict[str, str]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
@@ -349,8 +364,9 @@ def _meta(plan: Plan, gen_note: str, repo: BenchRepository) -> dict[str, str]:
                                   f"(`{DIGITS_NOBATCH}`)",
         "bench_resnet": "ResNet-style CNN (onnx.helper, untrained), FP32 [B,3,64,64], max_batch_size 128, "
                         "dynamic_batching {}",
-        "server": "`deepserve serve` with its defaults; no instance_group in a config means 1 instance with "
-                  "intra-op threads = cores (1 for a model whose batch-1 run is under 250 us)",
+        "server": "`deepserve serve` with its defaults and `--allow-shared-memory` (which only lets clients "
+                  "register regions: the shared-memory points use it); no instance_group in a config means 1 "
+                  "instance with intra-op threads = cores (1 for a model whose batch-1 run is under 250 us)",
     }
 
 
@@ -383,7 +399,7 @@ def bench_main(argv: list[str]) -> int:
         repo = prepare_repository(Path(tmp) / "models", source, plan.resnet_widths)
         run = Run(plan, gen, out, repo, _meta(plan, gen_note, repo))
         run.say(f"work repository {repo.root}; digits_cnn: {repo.digits_source}; generator: {gen_note}")
-        with deepserve(repo.root, logs).start() as server:
+        with deepserve(repo.root, logs, "server", "--allow-shared-memory").start() as server:
             version = ""
             ceilings: dict[tuple[str, int], Target] = {}
             for model in (DIGITS, RESNET):  # the transport ceilings, each from the config as the server completed it

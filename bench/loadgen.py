@@ -74,6 +74,7 @@ class PerfAnalyzer:
     """perf_analyzer through `../shared/tools/perf_analyzer` (which installs it on first use)."""
 
     name = "perf_analyzer"
+    takes_flags = True  # perf_analyzer options (shared memory) pass through `extra`
 
     def __init__(self, logs: Path, path: Path = PERF_ANALYZER, timeout_s: float = 600.0) -> None:
         self.path, self.logs, self.timeout_s = path, logs, timeout_s
@@ -188,6 +189,7 @@ class PythonLoad:
     keep-alive connections (bench.httpload). `extra` (perf_analyzer flags) is not understood and refused."""
 
     name = "python grpc.aio / http.client"
+    takes_flags = False
 
     def __init__(self) -> None:
         self._requests: dict[tuple[str, str, int], bytes] = {}

@@ -38,6 +38,8 @@ class Results:
     sweep: list[tuple[Measurement, Measurement]] = field(default_factory=list)  # (server, transport ceiling)
     # (server, raw onnxruntime at the request batch beside it in time, transport ceiling at the same point)
     resnet: list[tuple[Measurement, float, Measurement | None]] = field(default_factory=list)
+    # (server with perf_analyzer --shared-memory system, raw onnxruntime beside it, the same point over the wire)
+    resnet_shm: list[tuple[Measurement, float, Measurement]] = field(default_factory=list)
     compute: list[ComputeCeiling] = field(default_factory=list)  # every run, in order
     batching: tuple[Measurement, Measurement] | None = None  # (on, off)
     workers: list[tuple[int, Measurement, Measurement]] = field(default_factory=list)  # (N, one process, N)
@@ -136,6 +138,12 @@ def verdicts(r: Results, leak_low: int, leak_high: int) -> list[Verdict]:
     out.append(Verdict(f"{r.resnet_model} batch-32: samples/s vs raw onnxruntime (busiest concurrency)", ">= 0.85x",
                        f"{ratio:.2f}x (at concurrency {best[0].concurrency})" if best else "-",
                        ratio >= 0.85 if best else None))
+    best = max(r.resnet_shm, key=lambda sc: sc[0].infer_per_s / sc[1], default=None)
+    ratio = best[0].infer_per_s / best[1] if best else 0.0
+    out.append(Verdict(f"{r.resnet_model} batch-{best[0].batch if best else 32} with system shared memory: "
+                       "samples/s vs raw onnxruntime (best point)", ">= 0.95x",
+                       f"{ratio:.2f}x ({best[0].protocol}, concurrency {best[0].concurrency})" if best else "-",
+                       ratio >= 0.95 if best else None))
     b = r.batching
     ratio = b[0].requests_per_s / b[1].requests_per_s if b else 0.0
     out.append(Verdict(f"{r.digits_model} batch-1, 32 in flight: dynamic batching on vs off", ">= 2.00x",
@@ -245,6 +253,17 @@ def markdown(r: Results, leak_low: int, leak_high: int) -> str:
                          f"{t.infer_per_s if t else 0:,.0f} | {lim.by} | "
                          f"**{m.infer_per_s / lim_value if lim_value else 0:.2f}x** | {m.infer_per_s / c:.2f}x | "
                          f"{_lat(m)} |")
+        if r.resnet_shm:
+            lines += ["", "Shared memory: the same points with perf_analyzer `--shared-memory system` (inputs and "
+                      "outputs in POSIX shared memory regions it registers; the server reads and writes them in "
+                      "place), right after the point over the wire; raw onnxruntime as above.", "",
+                      "| protocol | batch | concurrency | over the wire samples/s | shared memory samples/s | raw ort "
+                      "| **shared memory / raw ort** | p50 ms wire / shared memory |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            for sm, c, m in r.resnet_shm:
+                lines.append(f"| {sm.protocol} | {sm.batch} | {sm.concurrency} | {m.infer_per_s:,.0f} | "
+                             f"{sm.infer_per_s:,.0f} | {c:,.0f} | **{sm.infer_per_s / c:.2f}x** | "
+                             f"{m.p50_ms:.2f} / {sm.p50_ms:.2f} |")
         lines += ["", "Compute ceilings (one session, back-to-back runs, the server's default thread settings):", "",
                   "| model | batch | samples/s (mean) | min - max | ms per run (p50) | intra-op threads | runs |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -342,6 +361,8 @@ def write(r: Results, out: Path, leak_low: int, leak_high: int) -> list[Path]:
     data = {"meta": r.meta, "sweep": [{"server": s.to_dict(), "ceiling": c.to_dict()} for s, c in r.sweep],
             "resnet": [{"server": m.to_dict(), "ceiling_samples_per_s": c,
                         "transport_ceiling": t.to_dict() if t else None} for m, c, t in r.resnet],
+            "resnet_shared_memory": [{"server": sm.to_dict(), "ceiling_samples_per_s": c, "wire": m.to_dict()}
+                                     for sm, c, m in r.resnet_shm],
             "limits": [{"model": s.model, "protocol": s.protocol, "batch": s.batch, "concurrency": s.concurrency,
                         "server_requests_per_s": s.requests_per_s, "transport_requests_per_s": lim.transport,
                         "compute_requests_per_s": lim.compute, "formed_batch": lim.formed, "limited_by": lim.by,

@@ -166,7 +166,7 @@ def test_bench_smoke_run_writes_a_well_formed_report(tmp_path):
 
     targets = md.split("## Targets", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in targets.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == 8 and all(r.rstrip().endswith(("PASS |", "**FAIL** |", "not measured |")) for r in rows)
+    assert len(rows) == 9 and all(r.rstrip().endswith(("PASS |", "**FAIL** |", "not measured |")) for r in rows)
     assert "published" in md and "digits_cnn_nobatch" in md
 
     assert sorted((p["server"]["protocol"], p["server"]["batch"], p["server"]["concurrency"]) for p in data["sweep"]) \
@@ -182,6 +182,11 @@ def test_bench_smoke_run_writes_a_well_formed_report(tmp_path):
     assert [(m["server"]["batch"], m["server"]["protocol"]) for m in data["resnet"]] == [
         (1, "grpc"), (1, "http"), (2, "grpc"), (2, "http")]
     assert all(m["ceiling_samples_per_s"] > 0 and m["transport_ceiling"]["infer_per_s"] > 0 for m in data["resnet"])
+    # the largest request batch again with perf_analyzer --shared-memory system, over both protocols
+    assert [(m["server"]["batch"], m["server"]["protocol"]) for m in data["resnet_shared_memory"]] == [
+        (2, "grpc"), (2, "http")]
+    assert all(m["server"]["infer_per_s"] > 0 and m["wire"]["batch"] == 2 for m in data["resnet_shared_memory"])
+    assert "Shared memory: the same points" in md
     assert len(data["limits"]) == len(data["sweep"]) + len(data["resnet"])
     assert all(p["ratio"] > 0 and p["limited_by"] != "-" for p in data["limits"])
     assert data["mlserver"] == {"note": "not measured: --mlserver off", "points": []}
@@ -189,7 +194,7 @@ def test_bench_smoke_run_writes_a_well_formed_report(tmp_path):
     assert [p["requests"] for p in data["leak"]] == [100, 200] and all(p["rss_bytes"] > 0 for p in data["leak"])
     assert [(w["workers"] >= 2, w["one"]["concurrency"]) for w in data["workers"]] == [(True, 2)]
     assert all(w[side]["infer_per_s"] > 0 for w in data["workers"] for side in ("one", "many"))
-    assert len(data["targets"]) == 8 and not data["errors"]
+    assert len(data["targets"]) == 9 and not data["errors"]
     assert [(c["target"], c["protocol"]) for c in data["cpu_per_request"]] == [
         ("server (digits_cnn)", "grpc"), ("transport ceiling", "grpc")] * 2 + [
         ("server (digits_cnn_nobatch)", "grpc"), ("server (digits_cnn)", "http"), ("transport ceiling", "http")]
