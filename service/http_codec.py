@@ -175,9 +175,12 @@ def from_response(response: InferResponse) -> tuple[bytes, int | None]:
     outs = []
     for o in response.outputs:
         entry = {"name": o.name, "datatype": o.datatype, "shape": list(o.shape)}
-        if o.parameters:  # written to a shared memory region: name, datatype and shape only, as Triton answers
-            pass  # (tritonclient's C++ client, perf_analyzer's, reads binary_data_size from any output parameters)
-        elif o.binary:
+        # An output written to a shared memory region (it has parameters) is name, datatype and shape only, as
+        # Triton answers: tritonclient's C++ client (perf_analyzer's) reads binary_data_size from any parameters.
+        if o.parameters:
+            outs.append(entry)
+            continue
+        if o.binary:
             raw = to_raw(o.data, BY_WIRE[o.datatype])
             entry["parameters"] = {"binary_data_size": len(raw)}
             tail.append(raw)
