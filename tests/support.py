@@ -277,7 +277,9 @@ parameters { key: "max_sequences" value { string_value: "%d" } }
 
 def build_request_for(stub, name: str):
     """A request maker for any served model, from its metadata and config: examples.npz rows when published,
-    else ones with every dynamic dim 1; stateful models get a one-step sequence with a fresh id each call."""
+    else ones with every dynamic dim 1; stateful models get a one-step sequence with a fresh id each call. For a
+    decoupled (generation) model the maker has `decoupled` set: its request is a four-token generation, for
+    ModelStreamInfer (ModelInfer refuses such a model, as Triton does)."""
     import numpy as np
 
     from service._proto import inference_pb2
@@ -285,6 +287,17 @@ def build_request_for(stub, name: str):
 
     md = stub.ModelMetadata(inference_pb2.ModelMetadataRequest(name=name))
     cfg = stub.ModelConfig(inference_pb2.ModelConfigRequest(name=name)).config
+    if cfg.model_transaction_policy.decoupled:  # generation: a short prompt for ModelStreamInfer
+        text = cfg.parameters["generation_text_input"].string_value or "text_input"
+
+        def generate(i: int):
+            req = request(name, **{text: np.array([b"hello"], dtype=object)})
+            req.id = str(i)
+            req.parameters["max_tokens"].int64_param = 4
+            return req
+
+        generate.decoupled = True
+        return generate
     stateful = cfg.HasField("sequence_batching")
     feeds = {}
     for t in md.inputs:
