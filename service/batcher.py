@@ -11,19 +11,18 @@ executor thread that finishes hands its instance back with call_soon_threadsafe.
 and no task wake-up, which matters when the whole request path must fit in a few hundred microseconds.
 
 Two measured policies on top of Triton's:
-- Inline runs, for requests that come one at a time: a model whose runs cost under runtime.FAST_RUN_NS a row (its
-  fastest run seen: a run in a thread on a busy machine takes longer by the wait for a core, and must not make a
-  fast model look slow for good) runs on the event loop thread itself, up to INLINE_MAX_NS a batch, while fewer
-  than SEQUENTIAL of the arrivals find another request still here (a client at concurrency 1 never does).
-  Handing a 50 us run to a thread and back costs two thread wake-ups, which such a client waits for. Overlapping
-  traffic stays inline too while its requests arrive together, GATHERS or more per loop iteration with any
-  (uvicorn hands over every request it read in one iteration): the inline batch finds its company. Overlapping
-  requests that arrive one per iteration (grpc.aio's way) run in executor threads (onnxruntime releases the GIL),
-  as slower models and bigger batches do: the loop decodes the next requests while a batch runs, and they queue
-  up into the next batch. Inline, such gRPC requests found no company: at 32 in flight on digits_cnn the mean
-  batch was 1.4-1.9 and the event loop spent 795 us of CPU per request; in threads, 529 us. HTTP's inline
-  batches at concurrency 4 held 2.7 requests, 2.2 in threads, where the thread hand-off cost it 0.8 ms of p50
-  (2026-12-02).
+- Inline runs: a model whose runs cost under runtime.FAST_RUN_NS a row (its fastest run seen: a run in a thread
+  on a busy machine takes longer by the wait for a core, and must not make a fast model look slow for good) runs
+  its batches on the event loop thread itself, up to inline_max_us a batch (ALONE_INLINE times that while fewer
+  than SEQUENTIAL of the arrivals find another request still here: a client at concurrency 1 holds up nobody).
+  Handing a 50 us run to a thread and back costs two thread wake-ups and a loop iteration, which every request
+  waits for and the event loop pays in CPU; inline, the batch is whatever arrived while the previous one ran.
+  Slower models and bigger batches run in executor threads (onnxruntime releases the GIL): the loop decodes the
+  next requests while a batch runs. Until 2026-12-02 overlapping gRPC requests (grpc.aio hands the loop about one
+  new call per iteration) went to threads too, to queue up into bigger batches there. On uvloop that lost at every
+  concurrency: digits_cnn batch 1, perf_analyzer, median of 4 interleaved runs, requests/s threads vs inline:
+  1,930 vs 2,361 at 4 in flight, 2,040 vs 2,579 at 16, 2,105 vs 2,391 at 32, 2,060 vs 2,422 at 64. The inline
+  batches gather 2.5-2.9 requests from 16 in flight up.
 - Adaptive delay: max_queue_delay is an upper bound. While holding batches open finds them no company (a
   concurrency-1 client sends nothing while it waits for its reply), requests run in the next loop iteration
   with whatever arrived with them; a batch that finds company, or several requests arriving at once, turns
@@ -53,8 +52,6 @@ PATIENT_EVERY = 8  # one waiting head in this many waits out the whole delay, to
 PROBE_EVERY = 128  # while waiting does not pay, one arrival in this many waits anyway (under 1%: p99 holds)
 OVERLAP_WEIGHT = 0.05  # weight of the newest arrival in the moving average of arrivals that overlap another
 SEQUENTIAL = 0.25  # below this share of overlapping arrivals, traffic counts as one request at a time
-BURST_WEIGHT = 0.05  # weight of the newest loop iteration in the moving average of arrivals per iteration
-GATHERS = 1.3  # from this many arrivals per loop iteration, inline batches find company on their own
 ALONE_INLINE = 10  # while requests come one at a time, a batch may hold the loop this many times inline_max_us
 # (digits_cnn batch-32 at concurrency 1: a 1.1 ms run, in a thread by the 1 ms bound, cost 0.3 ms of p50)
 
@@ -124,8 +121,6 @@ class Batcher:
         self.outstanding = 0  # submitted and not yet returned to their caller
         self._overlap = 0.0  # moving average: did a request arrive while another was here (1) or not (0)
         self.best_row_ns: float | None = None  # fastest run per row seen: what the model costs, not the machine
-        self._burst = 0  # arrivals in this loop iteration so far
-        self._per_iter = 1.0  # moving average of arrivals per loop iteration that had any
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -148,9 +143,6 @@ class Batcher:
         now = time.perf_counter_ns()
         timeout_us = self._timeout(timeout_us)
         self._overlap += OVERLAP_WEIGHT * ((self.outstanding > 0) - self._overlap)
-        if not self._burst:
-            self._loop.call_soon(self._burst_end)
-        self._burst += 1
         if not self.batching and not self.queue and self.free and not timeout_us and self._inline(rows):
             # idle fast path: no partner is possible and nothing is queued, so run right here
             return self._run_inline(self.free.pop(), [Pending(feeds, rows, (), None, now, trace=trace)], rows)[0]
@@ -391,23 +383,15 @@ class Batcher:
         if self.best_row_ns is None or per_row < self.best_row_ns:
             self.best_row_ns = per_row
 
-    def _burst_end(self) -> None:
-        self._per_iter += BURST_WEIGHT * (self._burst - self._per_iter)
-        self._burst = 0
-
     def _inline(self, rows: int) -> bool:
-        """Run this batch on the event loop? Only while requests come one at a time (SEQUENTIAL) or together
-        (GATHERS), for a fast model (a row costs under runtime.FAST_RUN_NS) and a batch that blocks the loop
-        under inline_max_us: ALONE_INLINE times that while requests come one at a time, as then there are no
-        other requests' decoding and replies to hold up (measured by a batching model only: without batching, a
-        request run in submit never counts as overlapping). Decided per batch, not as a mode: in executor
-        threads requests pile up while a run lasts, and a mode judged on those bigger batches would never come
-        back; arrivals per iteration are the front end's pattern, which threads leave as it is."""
+        """Run this batch on the event loop? For a fast model (a row costs under runtime.FAST_RUN_NS) and a batch
+        that blocks the loop under inline_max_us, or ALONE_INLINE times that while requests come one at a time
+        (SEQUENTIAL), as then there are no other requests' decoding and replies to hold up (measured by a batching
+        model only: without batching, a request run in submit never counts as overlapping)."""
         if self.best_row_ns is None or self.best_row_ns >= FAST_RUN_NS:
             return False
-        if self._overlap < SEQUENTIAL:
-            return self.row_ns * rows < self.inline_max_ns * (ALONE_INLINE if self.batching else 1)
-        return self._per_iter >= GATHERS and self.row_ns * rows < self.inline_max_ns
+        alone = self.batching and self._overlap < SEQUENTIAL
+        return self.row_ns * rows < self.inline_max_ns * (ALONE_INLINE if alone else 1)
 
 
 def _work(instance: Instance, batch: list[Pending]) -> tuple[list[Outputs], int, int, int]:
