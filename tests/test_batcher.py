@@ -300,7 +300,7 @@ def _executor_cpu_ns(prefix: str) -> int:
 def test_fast_runs_stay_on_the_loop_however_requests_arrive(tmp_path, event_loop):
     """A fast model's batches run on the event loop whether requests come one at a time, arrive together (32
     clients in lockstep, uvicorn's way) or trickle in one per loop iteration (grpc.aio's way, which until
-    2026-12-02 went to executor threads: on uvloop that cost 15-25% of requests/s at 4-64 in flight). Seen from
+    2026-12-02 went to executor threads: on uvloop that cost 12-21% of requests/s at 4-64 in flight). Seen from
     the kernel: the executor threads' CPU time stays flat in all three. The control is the same trickle with an
     inline_max_us of 1 us, which sends every batch to the threads, so the measurement can see them work.
     inline_max_us is high in the first batcher so that only the arrival pattern could decide: the bound judges a
