@@ -281,10 +281,10 @@ class Run:
         for target, model, conc, proto in loads:
             try:
                 for _ in range(2):  # a run that stalled and was sent again served requests the count leaves out
-                    stalls = len(getattr(self.gen, "stalls", ()))
+                    stalls = len(self.gen.stalls)
                     before = target.cpu_seconds()
                     self.gen.run(target.url_for(proto), model, version, 1, conc, count, target.name, proto)
-                    if len(getattr(self.gen, "stalls", ())) == stalls:
+                    if len(self.gen.stalls) == stalls:
                         break
             except BenchError as exc:
                 self.results.errors.append(f"CPU cost {target.name} {model} ({proto}) c{conc}: {exc}")
@@ -431,7 +431,7 @@ def bench_main(argv: list[str]) -> int:
             if plan.profile != "off":
                 run.profiles(server, version)
         run.leak()
-    if getattr(gen, "stalls", None):
+    if gen.stalls:
         run.results.meta["perf_analyzer stalls (run again, once)"] = "; ".join(gen.stalls)
     end = _cpu_mark()
     others = max(0.0, (end[0] - mark[0]) - (end[2] - mark[2])) / (end[1] - mark[1]) * (os.cpu_count() or 1)

@@ -192,6 +192,7 @@ class PythonLoad:
     takes_flags = False
 
     def __init__(self) -> None:
+        self.stalls: list[str] = []  # runs stopped and sent again: this generator has none (PerfAnalyzer's do)
         self._requests: dict[tuple[str, str, int], bytes] = {}
         self._bodies: dict[tuple[str, str, int], tuple[bytes, int]] = {}
 
