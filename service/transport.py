@@ -117,7 +117,7 @@ class GrpcTransport(Transport):
 
     def generate(self, model, version, prompt, params):
         from service._proto import inference_pb2 as pb
-        from service.grpc_api import set_parameters
+        from service.grpc_codec import set_parameters
 
         req = pb.ModelInferRequest(model_name=model, model_version=version)
         req.inputs.add(name="text_input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(prompt.encode())
